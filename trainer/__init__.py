@@ -1,0 +1,1 @@
+"""WBC pre-annotation: trainer (models, data, evaluation)."""

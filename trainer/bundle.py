@@ -1,0 +1,155 @@
+"""Model bundle: everything inference needs, without the training config.
+
+Layout of a bundle directory::
+
+    bundle.yaml   format version, classes, model config, preprocessing, default threshold,
+                  metrics, provenance, and the sha256 of every weights file
+    model.pt      segmenter state dict
+
+Loading verifies the checksums first, so a truncated copy or a half-synced volume fails with a
+message naming the file instead of serving a broken model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from trainer.model import SegmenterConfig, build_model
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "wbc-bundle/1"
+BUNDLE_FILE = "bundle.yaml"
+SEGMENTER_FILE = "model.pt"
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, incomplete or corrupt; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Bundle:
+    directory: Path
+    classes: list[str]
+    model_config: SegmenterConfig
+    score_threshold: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def build_segmenter(self) -> torch.nn.Module:
+        cfg = SegmenterConfig.from_dict({**self.model_config.to_dict(), "weights": None, "backbone_weights": None})
+        model = build_model(cfg, len(self.classes))
+        path = self.directory / SEGMENTER_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise BundleError(f"cannot load segmenter weights {path}: {exc}") from exc
+        return model.eval()
+
+
+def write_bundle(directory: Path, model: torch.nn.Module, classes: list[str], model_config: SegmenterConfig,
+                 score_threshold: float, metrics: dict[str, Any] | None = None,
+                 provenance: dict[str, Any] | None = None) -> Path:
+    """Write a bundle into ``directory`` (created; files replaced atomically, bundle.yaml last)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / SEGMENTER_FILE
+    atomic_torch_save(model.state_dict(), weights)
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "classes": list(classes),
+        "segmenter": {"file": SEGMENTER_FILE, "sha256": sha256_file(weights), "config": model_config.to_dict()},
+        "preprocessing": {"max_size": model_config.max_size, "min_size": model_config.min_size,
+                          "colour": "RGB", "range": "0-1"},
+        "score_threshold": float(score_threshold),
+        "metrics": metrics or {},
+        "provenance": provenance or {},
+    }
+    atomic_write_bytes(directory / BUNDLE_FILE, yaml.safe_dump(meta, sort_keys=False).encode())
+    return directory
+
+
+def update_bundle_metrics(directory: Path, metrics: dict[str, Any]) -> None:
+    path = Path(directory) / BUNDLE_FILE
+    meta = yaml.safe_load(path.read_text())
+    meta["metrics"] = metrics
+    atomic_write_bytes(path, yaml.safe_dump(meta, sort_keys=False).encode())
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Read and verify a bundle. Raises :class:`BundleError` naming the missing or corrupt file."""
+    directory = Path(directory)
+    meta_path = directory / BUNDLE_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"no model bundle at {directory}: {meta_path} is missing. Train one with "
+                          "'python -m trainer train-segmenter' or point WBC_BUNDLE_DIR at a bundle directory")
+    try:
+        meta = yaml.safe_load(meta_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise BundleError(f"{meta_path} is not valid YAML: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path} is not a {BUNDLE_FORMAT} bundle (format: "
+                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    seg = meta.get("segmenter") or {}
+    weights = directory / str(seg.get("file", SEGMENTER_FILE))
+    if not weights.is_file():
+        raise BundleError(f"bundle {directory} is incomplete: {weights} is missing")
+    actual = sha256_file(weights)
+    if seg.get("sha256") and actual != seg["sha256"]:
+        raise BundleError(f"{weights} is corrupt: sha256 {actual[:12]}... does not match the bundle's "
+                          f"{str(seg['sha256'])[:12]}...; copy the bundle again")
+    try:
+        cfg = SegmenterConfig.from_dict(seg.get("config") or {})
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{meta_path}: bad segmenter config: {exc}") from exc
+    classes = [str(c) for c in meta.get("classes") or []]
+    if not classes:
+        raise BundleError(f"{meta_path} lists no classes")
+    return Bundle(directory=directory, classes=classes, model_config=cfg,
+                  score_threshold=float(meta.get("score_threshold", 0.5)),
+                  metrics=meta.get("metrics") or {}, provenance=meta.get("provenance") or {}, raw=meta)

@@ -1,0 +1,98 @@
+"""Training configuration: one YAML file, every key optional (the defaults train the CPU model)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.data.segmentation_dataset import AugmentConfig
+from trainer.labels import LabelMap
+from trainer.model import SegmenterConfig
+
+
+@dataclass
+class OptimConfig:
+    seed: int = 0
+    epochs: int = 24
+    max_minutes: float | None = None   # stop early (and still write a bundle) after this much training
+    batch_size: int = 2
+    optimizer: str = "adamw"           # adamw | sgd
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-4
+    momentum: float = 0.9              # sgd only
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.02         # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 10.0
+    scale_jitter: list[float] = field(default_factory=lambda: [0.8, 1.0])  # input-size range, x min_size
+    checkpoint_every: int = 100        # steps; a checkpoint is also written at the end of every epoch
+    num_workers: int = 1
+    threads: int = 0                   # torch intra-op threads; 0 = all cores
+    device: str = "auto"               # auto (cuda if available) | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {self.optimizer!r}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("batch_size and epochs must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    model: SegmenterConfig = field(default_factory=SegmenterConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    labels: LabelMap = field(default_factory=LabelMap)
+    score_threshold: float = 0.5       # default detection threshold stored in the bundle
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "augment": self.augment.to_dict(),
+                "labels": self.labels.to_dict(), "score_threshold": self.score_threshold}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> TrainConfig:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; known: {sorted(known)}")
+        labels = data.get("labels")
+        if isinstance(labels, str):
+            path = Path(labels)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            label_map = LabelMap.from_yaml(path)
+        elif isinstance(labels, dict):
+            label_map = LabelMap(classes=list(labels.get("classes") or LabelMap().classes),
+                                 aliases=dict(labels.get("aliases") or {}),
+                                 ignore=list(labels.get("ignore") or []))
+        else:
+            label_map = LabelMap()
+        optim_data = data.get("train") or {}
+        optim_known = {f.name for f in fields(OptimConfig)}
+        bad = sorted(set(optim_data) - optim_known)
+        if bad:
+            raise ValueError(f"unknown train keys {bad}; known: {sorted(optim_known)}")
+        return cls(model=SegmenterConfig.from_dict(data.get("model") or {}),
+                   train=OptimConfig(**optim_data),
+                   augment=AugmentConfig.from_dict(data.get("augment")),
+                   labels=label_map,
+                   score_threshold=float(data.get("score_threshold", 0.5)))
+
+
+def load_config(path: str | Path | None) -> TrainConfig:
+    """Read a YAML config; ``None`` gives the packaged CPU default."""
+    if path is None:
+        text = resources.files("trainer").joinpath("configs/segmenter-cpu.yaml").read_text()
+        return TrainConfig.from_dict(yaml.safe_load(text) or {})
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping")
+    return TrainConfig.from_dict(data, base_dir=path.parent)

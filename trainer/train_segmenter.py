@@ -1,0 +1,257 @@
+"""Train the Mask R-CNN segmenter (flat and readable, in the spirit of torchvision's references/detection).
+
+Resumable: a checkpoint (model, optimiser, schedule, step, RNG) is written atomically every
+``checkpoint_every`` steps and at each epoch end; ``resume=True`` continues from it exactly where
+the order of batches left off. The run directory holds ``losses.csv``, ``loss_curve.png``,
+``checkpoint.pt``, ``config.yaml`` and finally ``bundle/`` (see :mod:`trainer.bundle`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from trainer.bundle import atomic_torch_save, atomic_write_bytes, write_bundle
+from trainer.config import TrainConfig
+from trainer.data.segmentation_dataset import SegmentationDataset, collate
+from trainer.data.types import AnnotatedDataset, DatasetError
+from trainer.model import WeightsError, build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way (for exact resume)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        return iter(order[self.start:])
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return 0.001 + (1 - 0.001) * step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def plot_losses(csv_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(csv_path.open()))
+    if not rows:
+        return
+    steps = np.array([int(r["step"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = [k for k in rows[0] if k.startswith("loss")]
+    for k in keys:
+        vals = np.array([float(r[k]) for r in rows])
+        win = max(1, len(vals) // 50)
+        smooth = np.convolve(vals, np.ones(win) / win, mode="valid")
+        ax.plot(steps[win - 1:], smooth, label=k, lw=1.5 if k == "loss" else 1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (moving average)")
+    ax.set_title("segmenter training loss")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png_path)
+
+
+def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Path, resume: bool = False,
+                    on_epoch_end: Callable[[int, float, Path], dict[str, Any] | None] | None = None,
+                    progress: bool = True) -> Path:
+    """Train and write ``out_dir/bundle``. Returns the bundle directory.
+
+    ``on_epoch_end(epoch, train_seconds, bundle_dir)`` (optional) is called after each epoch with a
+    fresh bundle written; its returned metrics are logged to ``curve.csv`` (time spent in it is not
+    counted as training time).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opt = cfg.train
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
+    random.seed(opt.seed)
+    np.random.seed(opt.seed)
+    torch.manual_seed(opt.seed)
+
+    n_outlined = sum(len(r.outlined()) for r in train_data.images)
+    if not train_data.images or n_outlined == 0:
+        raise DatasetError(f"{train_data.source or 'training data'} has no frames with outlined cells "
+                           f"({len(train_data.images)} frames): nothing to train on")
+    dataset = SegmentationDataset(train_data, cfg.labels, cfg.model.max_size, cfg.model.min_size,
+                                  augment=cfg.augment, seed=opt.seed)
+    sampler = EpochSampler(len(dataset), opt.seed)
+    steps_per_epoch = math.ceil(len(dataset) / opt.batch_size)
+    total_steps = steps_per_epoch * opt.epochs
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device)
+    model = build_model(cfg.model, len(cfg.labels.classes)).to(device)
+    jitter = sorted({int(round(cfg.model.min_size * s / 16) * 16) for s in opt.scale_jitter} - {cfg.model.min_size})
+    model.transform.min_size = (*jitter, cfg.model.min_size)
+    optimizer = make_optimizer(model, cfg)
+    step, epoch, train_seconds = 0, 0, 0.0
+    ckpt_path = out_dir / CHECKPOINT
+    if resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved = ckpt.get("config", {}).get("model", {})
+        if saved.get("backbone") != cfg.model.backbone:
+            raise WeightsError(f"checkpoint {ckpt_path} is from backbone {saved.get('backbone')!r} but the config "
+                               f"asks for {cfg.model.backbone!r}; resume with the same config or use a new --out")
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise WeightsError(f"checkpoint {ckpt_path} does not fit this model: {str(exc)[:300]}") from exc
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, train_seconds = ckpt["step"], ckpt["epoch"], ckpt["train_seconds"]
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, epoch)
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{out_dir} already holds a training run; pass --resume to continue it or use a "
+                              "new --out directory")
+    atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+    loss_csv = out_dir / "losses.csv"
+    loss_fields = ["step", "epoch", "seconds", "lr", "loss", "loss_classifier", "loss_box_reg", "loss_mask",
+                   "loss_objectness", "loss_rpn_box_reg"]
+    if not loss_csv.exists() or not resume:
+        with loss_csv.open("w", newline="") as fh:
+            csv.writer(fh).writerow(loss_fields)
+
+    def save_checkpoint() -> None:
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                           "epoch": epoch, "train_seconds": train_seconds, "config": cfg.to_dict(),
+                           "torch_rng": torch.get_rng_state()}, ckpt_path)
+
+    log.info("training %s on %d frames (%d cells), %d epochs x %d steps, batch %d, %s",
+             cfg.model.backbone, len(dataset), n_outlined, opt.epochs, steps_per_epoch, opt.batch_size,
+             f"limit {opt.max_minutes} min" if opt.max_minutes else "no time limit")
+    bundle_dir = out_dir / "bundle"
+    stop = False
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    while epoch < opt.epochs and not stop:
+        start_in_epoch = step - epoch * steps_per_epoch
+        sampler.set_position(epoch, start_in_epoch * opt.batch_size)
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, collate_fn=collate,
+                            num_workers=opt.num_workers, persistent_workers=False)
+        model.train()
+        t_last = time.perf_counter()
+        for images, targets in loader:
+            for g in optimizer.param_groups:
+                g["lr"] = opt.lr * lr_factor(step, total_steps, opt.warmup_steps, opt.min_lr_ratio)
+            if device.type != "cpu":
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr "
+                                         f"(now {opt.lr}) or check the annotations")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+            optimizer.step()
+            step += 1
+            now = time.perf_counter()
+            train_seconds += now - t_last
+            t_last = now
+            with loss_csv.open("a", newline="") as fh:
+                csv.writer(fh).writerow([step, epoch, f"{train_seconds:.2f}", f"{optimizer.param_groups[0]['lr']:.3g}",
+                                         f"{loss.item():.5f}"] + [f"{losses[k].item():.5f}" for k in loss_fields[5:]])
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            if opt.checkpoint_every and step % opt.checkpoint_every == 0:
+                save_checkpoint()
+            if opt.max_minutes and train_seconds >= opt.max_minutes * 60:
+                log.info("time limit of %.1f min reached at step %d", opt.max_minutes, step)
+                stop = True
+                break
+        if not stop:
+            epoch += 1
+        save_checkpoint()
+        plot_losses(loss_csv, out_dir / "loss_curve.png")
+        if on_epoch_end is not None:
+            model.eval()
+            _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds)
+            on_epoch_end(epoch, train_seconds, bundle_dir)
+    bar.close()
+    model.eval()
+    _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds)
+    log.info("wrote bundle %s after %d steps (%.1f min of training)", bundle_dir, step, train_seconds / 60)
+    return bundle_dir
+
+
+def _write(model: torch.nn.Module, cfg: TrainConfig, bundle_dir: Path, data: AnnotatedDataset, step: int,
+           epoch: int, train_seconds: float) -> None:
+    provenance = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "training_data": data.source,
+        "frames": len(data.images),
+        "cells": sum(len(r.outlined()) for r in data.images),
+        "steps": step,
+        "epochs": epoch,
+        "train_seconds": round(train_seconds, 1),
+        "torch": str(torch.__version__),
+    }
+    write_bundle(bundle_dir, model, cfg.labels.classes, cfg.model, cfg.score_threshold, provenance=provenance)
