@@ -62,10 +62,12 @@ def git_sha() -> str:
         return "unknown"
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float, time_progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay. With a time limit the decay follows whichever of steps or
+    time is further along, so a time-limited run still ends on a fully decayed learning rate."""
     if step < warmup:
         return 0.001 + (1 - 0.001) * step / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_progress))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -197,7 +199,8 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
         t_last = time.perf_counter()
         for images, targets in loader:
             for g in optimizer.param_groups:
-                g["lr"] = opt.lr * lr_factor(step, total_steps, opt.warmup_steps, opt.min_lr_ratio)
+                time_progress = train_seconds / (opt.max_minutes * 60) if opt.max_minutes else 0.0
+                g["lr"] = opt.lr * lr_factor(step, total_steps, opt.warmup_steps, opt.min_lr_ratio, time_progress)
             if device.type != "cpu":
                 images = [im.to(device, non_blocking=True) for im in images]
                 targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]

@@ -1,0 +1,193 @@
+"""``python -m trainer``: train, evaluate and run the WBC segmenter; make synthetic slides; the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from trainer.bundle import BundleError
+from trainer.data.types import AnnotatedDataset, DatasetError
+
+log = logging.getLogger("trainer")
+
+EPILOG = """examples:
+  python -m trainer demo --out demo-output
+  python -m trainer train-segmenter --data exports/task12.zip --data exports/task13/ --out runs/seg1
+  python -m trainer train-segmenter --config my.yaml --data datasets/task-12 --out runs/seg1 --resume
+  python -m trainer evaluate --bundle runs/seg1/bundle --data exports/task14.zip --out runs/seg1/eval
+  python -m trainer predict --bundle runs/seg1/bundle slide1.jpg slide2.jpg --out predictions/
+  python -m trainer synth --out synthetic-task --images 20
+
+--data takes a CVAT for images 1.1 export (zip, folder or annotations.xml), a COCO 1.0 export
+(zip, folder or instances JSON) or a cvat_sync dataset folder; repeat it to train on several tasks.
+"""
+
+
+def _load_many(paths: list[Path], label_map, require_images: bool) -> AnnotatedDataset:
+    from trainer.data.loader import load_dataset
+
+    parts = [load_dataset(p, label_map=label_map, require_images=require_images) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    images = [img for part in parts for img in part.images]
+    labels = list(dict.fromkeys(lbl for part in parts for lbl in part.labels))
+    return AnnotatedDataset(images=images, labels=labels, source=" + ".join(p.source for p in parts))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.labels import LabelMap
+    from trainer.train_segmenter import train_segmenter
+
+    cfg = load_config(args.config)
+    if args.labels:
+        cfg.labels = LabelMap.from_yaml(args.labels)
+    if args.epochs:
+        cfg.train.epochs = args.epochs
+    if args.max_minutes:
+        cfg.train.max_minutes = args.max_minutes
+    if args.weights:
+        cfg.model.weights = args.weights
+    if args.device:
+        cfg.train.device = args.device
+    data = _load_many(args.data, cfg.labels, require_images=True)
+    bundle = train_segmenter(cfg, data, args.out, resume=args.resume)
+    if args.val:
+        return _evaluate(bundle, args.val, cfg.labels, args.out / "eval", overlays=4)
+    print(f"model bundle: {bundle}")
+    return 0
+
+
+def _evaluate(bundle: Path, data_paths: list[Path], label_map, out: Path, overlays: int,
+              class_agnostic: bool = False) -> int:
+    from trainer.evaluate import evaluate_bundle, summary_line
+    from trainer.predict import Predictor
+
+    predictor = Predictor(bundle)
+    label_map = label_map or _bundle_label_map(predictor)
+    data = _load_many(data_paths, label_map, require_images=True)
+    metrics = evaluate_bundle(predictor, data, label_map, out_dir=out, overlays=overlays,
+                              class_agnostic=class_agnostic)
+    print(summary_line(metrics))
+    print(f"metrics: {out / 'metrics.json'}   overlays: {out}/overlay_*.png")
+    return 0
+
+
+def _bundle_label_map(predictor):
+    from trainer.labels import LabelMap
+
+    return LabelMap(classes=list(predictor.classes))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from trainer.labels import LabelMap
+
+    label_map = LabelMap.from_yaml(args.labels) if args.labels else None
+    return _evaluate(args.bundle, args.data, label_map, args.out, args.overlays, args.class_agnostic)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from trainer.overlay import draw_overlay, save_png
+    from trainer.predict import Predictor
+
+    predictor = Predictor(args.bundle)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        pred = predictor.predict_file(path, threshold=args.threshold)
+        cells = [{"label": c.label, "score": round(c.score, 4), "box": [round(v, 1) for v in c.box],
+                  "area_px": int(c.mask_crop.sum())} for c in pred.cells]
+        (args.out / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "width": pred.width,
+                                                                "height": pred.height, "cells": cells}, indent=1))
+        save_png(draw_overlay(path, [], pred.cells, pred.width, pred.height), args.out / f"{path.stem}_overlay.png")
+        print(f"{path}: {len(cells)} cells -> {args.out / (path.stem + '_overlay.png')}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from trainer.synthetic import generate_task
+
+    data = generate_task(args.out, n_images=args.images, width=args.width, height=args.height, seed=args.seed)
+    print(f"wrote {len(data.images)} synthetic slides with {sum(len(r.instances) for r in data.images)} cells "
+          f"as a CVAT for images 1.1 export: {args.out / 'annotations.xml'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import run_demo
+
+    run_demo(args.out, minutes=args.minutes)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train-segmenter", help="train the Mask R-CNN segmenter and write a model bundle",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", type=Path, help="YAML config (default: the packaged CPU config, "
+                   "trainer/configs/segmenter-cpu.yaml)")
+    t.add_argument("--data", type=Path, action="append", required=True, help="training data (repeatable)")
+    t.add_argument("--val", type=Path, action="append", help="validation data, evaluated after training")
+    t.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, curves, bundle/)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--labels", type=Path, help="label-map YAML (default: the 10 RV-PBS classes)")
+    t.add_argument("--epochs", type=int, help="override train.epochs")
+    t.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    t.add_argument("--weights", help="initial weights: a file, or a torchvision weights name "
+                   "(e.g. MaskRCNN_ResNet50_FPN_Weights.DEFAULT; needs a download)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="COCO bbox/segm AP of a bundle on annotated frames, with overlays")
+    e.add_argument("--bundle", type=Path, required=True)
+    e.add_argument("--data", type=Path, action="append", required=True)
+    e.add_argument("--out", type=Path, required=True, help="where metrics.json and overlay PNGs go")
+    e.add_argument("--labels", type=Path, help="label-map YAML (default: the bundle's classes)")
+    e.add_argument("--overlays", type=int, default=4, help="how many overlay PNGs to write")
+    e.add_argument("--class-agnostic", action="store_true", help="score detection/segmentation only")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="run the pipeline on slide images: JSON + overlay PNG per slide")
+    pr.add_argument("--bundle", type=Path, required=True)
+    pr.add_argument("images", type=Path, nargs="+")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--threshold", type=float, default=None, help="score threshold (default: the bundle's)")
+    pr.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("synth", help="write a synthetic Leishman-like smear task (CVAT for images 1.1)")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--images", type=int, default=12)
+    s.add_argument("--width", type=int, default=1008)
+    s.add_argument("--height", type=int, default=756)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    d = sub.add_parser("demo", help="end to end on synthetic slides: generate, train, evaluate, predict")
+    d.add_argument("--out", type=Path, default=Path("demo-output"))
+    d.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (DatasetError, BundleError, FileNotFoundError, FileExistsError, ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; a run can be continued with --resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
