@@ -79,7 +79,8 @@ def main() -> None:
     names = args.only or list(VARIANTS)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=run_variant, args=(n, args.bccd, args.out, args.runs, args.eval_every, args.max_minutes))
+    procs = [ctx.Process(target=run_variant,
+                         args=(n, args.bccd, args.out, args.runs, args.eval_every, args.max_minutes))
              for n in names]
     for p in procs:
         p.start()

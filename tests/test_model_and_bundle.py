@@ -115,16 +115,16 @@ def test_bundle_round_trip(tmp_path: Path) -> None:
 
 
 def test_bundle_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="bundle.yaml is missing"):
+    with pytest.raises(BundleError, match=r"bundle\.yaml is missing"):
         load_bundle(tmp_path / "none")
     directory = _bundle(tmp_path)
     weights = directory / SEGMENTER_FILE
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BundleError, match="model.pt is corrupt"):
+    with pytest.raises(BundleError, match=r"model\.pt is corrupt"):
         load_bundle(directory)
     weights.unlink()
-    with pytest.raises(BundleError, match="model.pt is missing"):
+    with pytest.raises(BundleError, match=r"model\.pt is missing"):
         load_bundle(directory)
     (directory / BUNDLE_FILE).write_text(yaml.safe_dump({"format": "something-else"}))
     with pytest.raises(BundleError, match="is not a wbc-bundle/1 bundle"):

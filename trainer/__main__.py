@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.bundle import BundleError
+from trainer.bundle import BundleError, update_bundle_metrics
 from trainer.data.types import AnnotatedDataset, DatasetError
 
 log = logging.getLogger("trainer")
@@ -26,10 +26,14 @@ EPILOG = """examples:
 """
 
 
-def _load_many(paths: list[Path], label_map, require_images: bool) -> AnnotatedDataset:
+def _load_many(paths: list[Path], label_map, require_images: bool, extract_root: Path,
+               strict: bool = False) -> AnnotatedDataset:
+    """Load and concatenate several exports; zips are extracted under ``extract_root/<name>/``."""
     from trainer.data.loader import load_dataset
 
-    parts = [load_dataset(p, label_map=label_map, require_images=require_images) for p in paths]
+    parts = [load_dataset(p, label_map=label_map, require_images=require_images, strict=strict,
+                          extract_dir=extract_root / f"{i:02d}-{p.stem}" if p.suffix.lower() == ".zip" else None)
+             for i, p in enumerate(paths)]
     if len(parts) == 1:
         return parts[0]
     images = [img for part in parts for img in part.images]
@@ -53,27 +57,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.model.weights = args.weights
     if args.device:
         cfg.train.device = args.device
-    data = _load_many(args.data, cfg.labels, require_images=True)
+    data = _load_many(args.data, cfg.labels, require_images=True, extract_root=args.out / "data",
+                      strict=args.strict_labels)
     bundle = train_segmenter(cfg, data, args.out, resume=args.resume)
     if args.val:
-        return _evaluate(bundle, args.val, cfg.labels, args.out / "eval", overlays=4)
+        metrics = _evaluate(bundle, args.val, cfg.labels, args.out / "eval", overlays=4)
+        update_bundle_metrics(bundle, {"validation": [str(p) for p in args.val], "bbox": metrics["bbox"],
+                                       "segm": metrics["segm"], "images": metrics["images"]})
     print(f"model bundle: {bundle}")
     return 0
 
 
 def _evaluate(bundle: Path, data_paths: list[Path], label_map, out: Path, overlays: int,
-              class_agnostic: bool = False) -> int:
+              class_agnostic: bool = False) -> dict:
     from trainer.evaluate import evaluate_bundle, summary_line
     from trainer.predict import Predictor
 
     predictor = Predictor(bundle)
     label_map = label_map or _bundle_label_map(predictor)
-    data = _load_many(data_paths, label_map, require_images=True)
+    data = _load_many(data_paths, label_map, require_images=True, extract_root=out / "data")
     metrics = evaluate_bundle(predictor, data, label_map, out_dir=out, overlays=overlays,
                               class_agnostic=class_agnostic)
     print(summary_line(metrics))
     print(f"metrics: {out / 'metrics.json'}   overlays: {out}/overlay_*.png")
-    return 0
+    return metrics
 
 
 def _bundle_label_map(predictor):
@@ -86,7 +93,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.labels import LabelMap
 
     label_map = LabelMap.from_yaml(args.labels) if args.labels else None
-    return _evaluate(args.bundle, args.data, label_map, args.out, args.overlays, args.class_agnostic)
+    _evaluate(args.bundle, args.data, label_map, args.out, args.overlays, args.class_agnostic)
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -137,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, curves, bundle/)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--labels", type=Path, help="label-map YAML (default: the 10 RV-PBS classes)")
+    t.add_argument("--strict-labels", action="store_true",
+                   help="fail on labels the label map does not know (default: report and skip them)")
     t.add_argument("--epochs", type=int, help="override train.epochs")
     t.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
     t.add_argument("--weights", help="initial weights: a file, or a torchvision weights name "

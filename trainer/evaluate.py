@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from trainer.bundle import atomic_write_bytes
+from trainer.atomic import atomic_write_bytes
 from trainer.data.masks import coco_rle_encode
 from trainer.data.types import AnnotatedDataset, DatasetError
 from trainer.labels import LabelMap

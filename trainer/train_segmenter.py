@@ -25,7 +25,8 @@ import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from trainer.bundle import atomic_torch_save, atomic_write_bytes, write_bundle
+from trainer.atomic import atomic_torch_save, atomic_write_bytes
+from trainer.bundle import write_bundle
 from trainer.config import TrainConfig
 from trainer.data.segmentation_dataset import SegmentationDataset, collate
 from trainer.data.types import AnnotatedDataset, DatasetError

@@ -84,7 +84,7 @@ def cvat_rle_encode(crop: np.ndarray) -> list[int]:
 
 def cvat_rle_decode(rle: list[int] | list[float], width: int, height: int) -> np.ndarray:
     """Decode CVAT's RLE into a ``height x width`` crop. Raises ValueError if it does not fit."""
-    runs = np.asarray([int(round(float(r))) for r in rle], dtype=np.int64)
+    runs = np.asarray([round(float(r)) for r in rle], dtype=np.int64)
     if (runs < 0).any():
         raise ValueError("CVAT mask RLE has a negative run length")
     total = int(runs.sum())
