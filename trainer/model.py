@@ -58,7 +58,7 @@ class SegmenterConfig:
     rpn_post_nms_top_n_train: int = 500
     rpn_pre_nms_top_n_test: int = 500
     rpn_post_nms_top_n_test: int = 100
-    box_batch_size_per_image: int = 128
+    box_batch_size_per_image: int = 32    # RoIs per image for the box/mask heads (torchvision: 512)
     box_detections_per_img: int = 50
     box_score_thresh: float = 0.05
 

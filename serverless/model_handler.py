@@ -1,0 +1,339 @@
+"""The CVAT detector behind the Nuclio function: request in, CVAT mask shapes out.
+
+``handle`` is the whole per-request path (``main.handler`` only delegates here, and the local CLI
+``python -m serverless annotate`` runs it too):
+
+1. :func:`parse_request`: the body CVAT sends is ``{"image": <base64>, "threshold": <float>}``
+   (``threshold`` only when truthy). ``event.body`` is a dict when the request said
+   ``Content-Type: application/json`` and raw bytes otherwise; both are accepted.
+2. :func:`probe_image`: the header is read with PIL, without decoding, to reject unsupported formats,
+   images under :data:`MIN_SIDE` px and decompression bombs over :data:`MAX_PIXELS`; a JPEG is then
+   test-decoded at 1/8 scale, which reads all of its entropy-coded data, so a truncated upload is
+   refused instead of being half-decoded (OpenCV decodes some truncated JPEGs without an error).
+3. :class:`ModelHandler` runs :class:`trainer.predict.Predictor`, the pipeline evaluation and the
+   benchmarks use. JPEGs go through ``predict_bytes`` (OpenCV's reduced-size JPEG decode, EXIF
+   orientation applied); PNG/BMP/TIFF/WebP are decoded with PIL (EXIF orientation applied; grey,
+   palette, RGBA and 16-bit images become 8-bit RGB).
+4. :func:`to_cvat_results`: one ``mask`` shape per cell, with ``mask`` = flat 0/255 crop + inclusive
+   ``[xtl, ytl, xbr, ybr]`` in frame coordinates and ``points`` = a polygon of the same cell
+   (CVAT stores that one when "convert masks to polygons" is on, and its AI-tools dialog needs it).
+
+Bad input is answered 400 with ``{"error": "..."}``; anything else that fails is a 500 with a
+short message, and the traceback goes to the function log only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import json
+import logging
+import math
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from trainer.data.images import ImageReadError, decode_rgb
+from trainer.data.masks import cvat_function_mask, mask_to_polygon
+from trainer.predict import Cell, Prediction, Predictor
+
+log = logging.getLogger(__name__)
+
+#: Smallest accepted image side (px); below this there is no cell to find.
+MIN_SIDE = 32
+#: Largest accepted image (declared width x height). RV-PBS photos are 12.2 MP.
+MAX_PIXELS = 120_000_000
+#: Douglas-Peucker tolerance (px) of the returned polygons; cells are 600-1300 px across.
+POLYGON_TOLERANCE = 2.0
+#: PIL format names accepted (MPO: iPhone/Android JPEGs with an embedded depth/preview image).
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "TIFF", "WEBP"})
+REQUEST_HELP = 'send JSON {"image": "<base64 of a JPEG/PNG/BMP/TIFF>", "threshold": 0.5}'
+
+
+class BadRequest(ValueError):
+    """The request cannot be served as sent; the message says what was wrong (answered with 400)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# --- request ------------------------------------------------------------------------------
+
+def parse_request(body: dict | bytes | bytearray | str | None) -> tuple[bytes, float | None]:
+    """``(image_bytes, threshold)`` from the request body; threshold None means the bundle's default.
+
+    Raises :class:`BadRequest` for an empty or non-JSON body, a missing or non-base64 ``image``,
+    and a ``threshold`` that is not a number in [0, 1]. Unknown keys are ignored.
+    """
+    if body is None or (isinstance(body, (bytes, bytearray, str)) and not body.strip()):
+        raise BadRequest(f"empty request body; {REQUEST_HELP}")
+    if isinstance(body, (bytes, bytearray, str)):
+        try:
+            text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
+            body = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequest(f"request body is not JSON ({exc}); {REQUEST_HELP}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}; {REQUEST_HELP}")
+    if "image" not in body:
+        raise BadRequest(f"request has no 'image' key (keys: {sorted(map(str, body))[:10]}); {REQUEST_HELP}")
+    image = _decode_base64(body["image"])
+    return image, _parse_threshold(body.get("threshold"))
+
+
+def _decode_base64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise BadRequest(f"'image' must be a base64 string, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("data:") and "," in text:  # tolerate a data URL ("data:image/jpeg;base64,...")
+        text = text.split(",", 1)[1]
+    text = "".join(text.split())  # `base64` wraps lines at 76 characters
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"'image' is not valid base64 ({exc})") from exc
+    if not data:
+        raise BadRequest("'image' is empty")
+    return data
+
+
+def _parse_threshold(value: Any) -> float | None:
+    """None/0/"" -> None (CVAT sends the threshold only when it is truthy); else a float in (0, 1]."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadRequest(f"'threshold' must be a number between 0 and 1, got {value!r}")
+    try:
+        threshold = float(value)
+    except ValueError as exc:
+        raise BadRequest(f"'threshold' must be a number between 0 and 1, got {value!r}") from exc
+    if not math.isfinite(threshold) or threshold < 0 or threshold > 1:
+        raise BadRequest(f"'threshold' must be between 0 and 1, got {value!r}")
+    return threshold or None
+
+
+# --- image --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says: PIL format name and the frame size after EXIF orientation."""
+
+    format: str
+    width: int
+    height: int
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1-8) from the header; a PNG's eXIf chunk is read only if it precedes the pixels."""
+    try:
+        if img.format == "PNG":  # PngImageFile.getexif() would decode the whole image to find a late eXIf
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        return int(exif.get(0x0112, 1))
+    except Exception:  # a broken EXIF block: the decoders ignore it as well
+        return 1
+
+
+def probe_image(data: bytes) -> ImageInfo:
+    """Check an upload from its header (no full decode); raises :class:`BadRequest`.
+
+    Rejects non-images and unsupported formats, images under ``MIN_SIDE`` px, images declaring
+    more than ``MAX_PIXELS`` (before anything is decoded), and truncated JPEGs.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is checked below
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadRequest(f"image is too large (decompression bomb?): {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadRequest(f"'image' is not a readable image ({len(data)} bytes; expected JPEG, PNG, BMP or "
+                         f"TIFF): {exc}") from exc
+    with img:
+        fmt = str(img.format or "")
+        width, height = img.size
+        if fmt not in JPEG_FORMATS | LOSSLESS_FORMATS:
+            raise BadRequest(f"unsupported image format {fmt or 'unknown'}; send JPEG, PNG, BMP or TIFF")
+        if width * height > MAX_PIXELS:
+            raise BadRequest(f"image is {width}x{height} = {width * height / 1e6:.0f} megapixels, over the "
+                             f"{MAX_PIXELS / 1e6:.0f} MP limit (decompression bomb?); downscale it")
+        if min(width, height) < MIN_SIDE:
+            raise BadRequest(f"image is {width}x{height}; both sides must be at least {MIN_SIDE} px")
+        orientation = _orientation(img)
+        if fmt in JPEG_FORMATS:
+            # libjpeg at 1/8 scale still reads every scan, so a cut-off upload fails here (cheap: ~1/64 of
+            # the pixels) instead of being decoded half-grey by OpenCV.
+            try:
+                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                img.load()
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise BadRequest(f"JPEG is truncated or corrupt ({exc}); upload the complete file") from exc
+        if fmt == "TIFF":  # newer Pillow reports a TIFF's size already oriented: start from the stored size
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                width, height = int(img.tag_v2[256]), int(img.tag_v2[257])
+    if orientation in (5, 6, 7, 8):  # EXIF orientations that swap width and height
+        width, height = height, width
+    return ImageInfo(fmt, width, height)
+
+
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any PIL image as 8-bit RGB; 16/32-bit and float greys are scaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if arr.dtype.kind == "f":
+            top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 65535.0
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or int(arr.max(initial=0)) > 255 else 255.0
+        grey = np.clip(np.nan_to_num(arr.astype(np.float64)) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if img.mode != "RGB":
+        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA", "LA") else img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def decode_image(data: bytes, info: ImageInfo | None = None, min_long_side: int | None = None) -> np.ndarray:
+    """Decode an upload to RGB uint8 with EXIF orientation applied (raises :class:`BadRequest`).
+
+    JPEGs use the trainer's decoder (OpenCV, reduced to the cheapest size whose long side is still
+    ``>= min_long_side``); other formats are decoded in full with PIL.
+    """
+    info = info or probe_image(data)
+    if info.format in JPEG_FORMATS:
+        try:
+            rgb, _ = decode_rgb(data, min_long_side=min_long_side)
+        except ImageReadError as exc:
+            raise BadRequest(str(exc)) from exc
+        return rgb
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                return _to_rgb8(ImageOps.exif_transpose(img))
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadRequest(f"{info.format} image is truncated or corrupt ({exc}); upload the complete file") from exc
+
+
+# --- results ------------------------------------------------------------------------------
+
+def _frame_crop(cell: Cell, width: int, height: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The part of the cell's mask crop inside the frame, with its (left, top) in the frame."""
+    left, top = (int(v) for v in cell.origin)
+    crop = np.asarray(cell.mask_crop, dtype=bool)
+    x0, y0 = max(left, 0), max(top, 0)
+    x1, y1 = min(left + crop.shape[1], width), min(top + crop.shape[0], height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return crop[y0 - top:y1 - top, x0 - left:x1 - left], (x0, y0)
+
+
+def cell_to_cvat(cell: Cell, width: int, height: int, tolerance: float = POLYGON_TOLERANCE) -> dict | None:
+    """One cell as a CVAT detector ``mask`` result, or None when it has no mask or no polygon."""
+    placed = _frame_crop(cell, width, height)
+    if placed is None:
+        return None
+    crop, (left, top) = placed
+    mask = cvat_function_mask(crop)  # flat 0/255 tight crop + inclusive box in *crop* coordinates
+    if mask is None:
+        return None
+    polygon = mask_to_polygon(crop, tolerance=tolerance, offset=(left, top))
+    if polygon is None:
+        return None
+    mask[-4:] = [mask[-4] + left, mask[-3] + top, mask[-2] + left, mask[-1] + top]
+    return {
+        "confidence": str(round(float(cell.score), 4)),
+        "label": cell.label,
+        "type": "mask",
+        "points": [round(float(v), 2) for v in polygon.reshape(-1)],
+        "mask": mask,
+    }
+
+
+def to_cvat_results(prediction: Prediction, threshold: float | None = None,
+                    tolerance: float = POLYGON_TOLERANCE) -> list[dict]:
+    """CVAT detector results for a prediction, highest score first.
+
+    Cells scoring under ``threshold`` (when given) and cells without a mask or a polygon of at
+    least 3 vertices are left out.
+    """
+    results = []
+    for cell in sorted(prediction.cells, key=lambda c: -c.score):
+        if threshold is not None and cell.score < threshold:
+            continue
+        item = cell_to_cvat(cell, prediction.width, prediction.height, tolerance)
+        if item is not None:
+            results.append(item)
+    return results
+
+
+def _json_response(context: Any, payload: Any, status_code: int) -> Any:
+    return context.Response(body=json.dumps(payload), headers={}, content_type="application/json",
+                            status_code=status_code)
+
+
+class ModelHandler:
+    """Wraps one :class:`Predictor` (one model per Nuclio worker process)."""
+
+    def __init__(self, bundle: str | Path, device: str | None = None) -> None:
+        self.predictor = Predictor(bundle, device=device)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.predictor.classes)
+
+    @property
+    def default_threshold(self) -> float:
+        return self.predictor.default_threshold
+
+    def warmup(self) -> None:
+        """One inference on a blank frame, so the first real request does not pay for lazy init."""
+        size = (self.predictor.min_size, self.predictor.max_size, 3)
+        self.predictor.predict(np.zeros(size, dtype=np.uint8), threshold=1.0)
+
+    def predict(self, data: bytes, threshold: float | None = None) -> Prediction:
+        """Validate and decode an upload, then run the pipeline (raises :class:`BadRequest`)."""
+        info = probe_image(data)
+        if info.format in JPEG_FORMATS:
+            try:
+                return self.predictor.predict_bytes(data, threshold)
+            except ImageReadError as exc:
+                raise BadRequest(str(exc)) from exc
+        return self.predictor.predict(decode_image(data, info), threshold)
+
+    def infer(self, body: dict | bytes | bytearray | str | None) -> list[dict]:
+        """Request body -> CVAT results (raises :class:`BadRequest`)."""
+        data, threshold = parse_request(body)
+        prediction = self.predict(data, threshold)
+        return to_cvat_results(prediction, threshold)
+
+    def handle(self, context: Any, event: Any) -> Any:
+        """Serve one Nuclio event; always returns a ``context.Response`` (never a bare list)."""
+        start = time.perf_counter()
+        try:
+            results = self.infer(event.body)
+        except BadRequest as exc:
+            context.logger.warn_with("bad request", error=exc.message)
+            return _json_response(context, {"error": exc.message}, 400)
+        except Exception as exc:
+            context.logger.error_with("annotation failed", error=type(exc).__name__,
+                                      traceback=traceback.format_exc())
+            return _json_response(context, {"error": f"internal error ({type(exc).__name__}) while annotating "
+                                                     "the image; see the function logs"}, 500)
+        context.logger.info_with("annotated", shapes=len(results),
+                                 ms=round((time.perf_counter() - start) * 1000, 1))
+        return _json_response(context, results, 200)

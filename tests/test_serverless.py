@@ -1,0 +1,629 @@
+"""The Nuclio function, its YAML files, deploy.sh and the local CLI, with the real nuclio-sdk classes.
+
+A tiny untrained Mask R-CNN is made deterministic and useful: its mask and box heads are scaled so
+masks are irregular blobs (not box-filling rectangles) and scores differ between detections, and the
+bundle's default threshold is set to the median score so that "use the bundle's default" is visible.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import cv2
+import nuclio_sdk
+import nuclio_sdk.logger
+import nuclio_sdk.test
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from serverless import main as function
+from serverless.__main__ import build_event, request_body
+from serverless.__main__ import main as cli_main
+from serverless.model_handler import (
+    MAX_PIXELS,
+    MIN_SIDE,
+    ModelHandler,
+    decode_image,
+    parse_request,
+    probe_image,
+)
+from trainer.bundle import BundleError, write_bundle
+from trainer.data.cvat_xml import read_cvat_xml
+from trainer.data.masks import decode_cvat_function_mask, mask_iou, place_crop
+from trainer.labels import RVPBS_LABELS
+from trainer.model import SegmenterConfig, build_model
+from trainer.predict import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+W, H = 256, 192
+LOW = 0.02  # above the model's box_score_thresh (0.01)
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+def _slide() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = np.full((H, W, 3), (225, 205, 215), np.uint8)
+    for _ in range(6):
+        centre = (int(rng.integers(30, W - 30)), int(rng.integers(30, H - 30)))
+        cv2.circle(img, centre, int(rng.integers(12, 30)), (120, 60, 150), -1)
+    return img
+
+
+def _encode(img: np.ndarray | Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = SegmenterConfig(min_size=96, max_size=128, fpn_channels=32, mask_resolution=7, box_score_thresh=0.01,
+                          box_detections_per_img=20)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(cfg, len(RVPBS_LABELS))
+    with torch.no_grad():  # amplify the untrained heads: blob-shaped masks, spread-out scores
+        for m in model.roi_heads.mask_head.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(8)
+        model.roi_heads.mask_predictor.conv5_mask.weight.mul_(8)
+        for m in model.roi_heads.box_head.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(60)
+        model.roi_heads.box_predictor.cls_score.weight.mul_(60)
+    directory = tmp_path_factory.mktemp("bundle")
+    write_bundle(directory, model, list(RVPBS_LABELS), cfg, score_threshold=0.5)
+    scores = sorted(c.score for c in Predictor(directory, device="cpu").predict(_slide(), LOW).cells)
+    assert len(scores) >= 6 and scores[0] < scores[-1], "the test model must give varied detections"
+    write_bundle(directory, model, list(RVPBS_LABELS), cfg, score_threshold=float(np.median(scores)))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(bundle: Path) -> ModelHandler:
+    torch.set_num_threads(1)
+    return ModelHandler(bundle, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
+    return _encode(_slide(), "JPEG", quality=90)
+
+
+class Ctx:
+    """A real nuclio_sdk Context whose log lines are kept in ``text``."""
+
+    def __init__(self, model: ModelHandler | None = None) -> None:
+        self.stream = io.StringIO()
+        logger = nuclio_sdk.Logger(logging.DEBUG, name=f"test-wbc-{id(self)}")
+        logger.set_handler("test", self.stream, nuclio_sdk.logger.HumanReadableFormatter())
+        self.context = nuclio_sdk.Context(logger=logger)
+        if model is not None:
+            self.context.user_data.model = model
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+
+@pytest.fixture
+def ctx(model: ModelHandler) -> Ctx:
+    return Ctx(model)
+
+
+def _call(ctx: Ctx, body: Any, content_type: str = "application/json") -> nuclio_sdk.Response:
+    event = build_event(body, content_type) if isinstance(body, bytes) else nuclio_sdk.Event(
+        body=body, content_type=content_type)
+    response = function.handler(ctx.context, event)
+    assert isinstance(response, nuclio_sdk.Response)
+    assert response.content_type == "application/json"
+    return response
+
+
+def _ok(ctx: Ctx, body: Any, content_type: str = "application/json") -> list[dict]:
+    response = _call(ctx, body, content_type)
+    assert response.status_code == 200, response.body
+    results = json.loads(response.body)
+    assert isinstance(results, list)
+    return results
+
+
+def _payload(image: bytes, **extra: Any) -> dict:
+    return {"image": base64.b64encode(image).decode(), **extra}
+
+
+def _spec_labels(path: Path) -> list[dict]:
+    return json.loads(yaml.safe_load(path.read_text())["metadata"]["annotations"]["spec"])
+
+
+# --- function.yaml / function-gpu.yaml -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["function.yaml", "function-gpu.yaml"])
+def test_function_yaml_has_every_field_cvat_and_nuclio_read(name: str) -> None:
+    doc = yaml.safe_load((REPO / name).read_text())
+    meta, spec = doc["metadata"], doc["spec"]
+    assert meta["name"] == "wbc-maskrcnn" and meta["namespace"] == "cvat"
+    ann = meta["annotations"]
+    assert ann["type"] == "detector" and ann["name"] == "WBC Mask R-CNN (RV-PBS)" and ann["framework"] == "pytorch"
+    assert all(isinstance(v, str) for v in ann.values()), "Nuclio annotations are string-to-string"
+    labels = json.loads(ann["spec"])
+    assert [label["name"] for label in labels] == list(RVPBS_LABELS)
+    assert [label["id"] for label in labels] == list(range(10))
+    assert len({label["name"] for label in labels}) == len(labels)
+    assert all(label["type"] == "mask" and "attributes" not in label for label in labels)
+    assert spec["description"].strip()
+    assert spec["handler"] == "main:handler" and (REPO / "serverless" / "main.py").is_file()
+    assert spec["runtime"] in ("python:3.10", "python:3.11")
+    env = {e["name"]: e["value"] for e in spec["env"]}
+    assert env["WBC_BUNDLE_DIR"] == "/opt/nuclio/bundle"
+    trigger = spec["triggers"]["myHttpTrigger"]
+    assert trigger["kind"] == "http"
+    assert trigger["attributes"]["maxRequestBodySize"] >= 32 * 1024 * 1024
+    assert trigger["workerAvailabilityTimeoutMilliseconds"] > 0
+    assert spec["platform"]["attributes"] == {"restartPolicy": {"name": "always", "maximumRetryCount": 3},
+                                              "mountMode": "volume"}
+    directives = " ".join(d["value"] for d in spec["build"]["directives"]["preCopy"] if d["kind"] == "RUN")
+    assert spec["build"]["image"] and spec["build"]["baseImage"]
+    if name == "function.yaml":
+        assert trigger["numWorkers"] == 2 and spec["eventTimeout"] == "30s"
+        assert "download.pytorch.org/whl/cpu" in directives
+        assert "resources" not in spec
+    else:
+        assert trigger["numWorkers"] == 1 and spec["eventTimeout"] == "10s"
+        assert "download.pytorch.org/whl/cu" in directives
+        assert spec["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert spec["description"] != yaml.safe_load((REPO / "function.yaml").read_text())["spec"]["description"]
+
+
+def test_cpu_and_gpu_functions_declare_the_same_detector() -> None:
+    cpu, gpu = (yaml.safe_load((REPO / n).read_text())["metadata"] for n in ("function.yaml", "function-gpu.yaml"))
+    assert cpu["name"] == gpu["name"]
+    assert json.loads(cpu["annotations"]["spec"]) == json.loads(gpu["annotations"]["spec"])
+    assert function.spec_labels() == set(RVPBS_LABELS)
+
+
+# --- the request/response contract ---------------------------------------------------------------
+
+def test_dict_bytes_and_str_bodies_give_the_same_json_list(ctx: Ctx, jpeg: bytes) -> None:
+    payload = _payload(jpeg, threshold=LOW)
+    as_dict = _call(ctx, payload)
+    as_json_bytes = _call(ctx, json.dumps(payload).encode())  # SDK deserializer -> dict
+    as_raw_bytes = _call(ctx, json.dumps(payload).encode(), "application/octet-stream")  # stays bytes
+    as_str = _call(ctx, json.dumps(payload), "text/plain")
+    assert as_dict.status_code == 200
+    assert as_dict.body == as_json_bytes.body == as_raw_bytes.body == as_str.body
+    results = json.loads(as_dict.body)
+    assert len(results) >= 6
+    for item in results:
+        assert set(item) == {"confidence", "label", "type", "points", "mask"}
+        assert item["type"] == "mask" and isinstance(item["confidence"], str)
+        assert all(isinstance(v, int) and v in (0, 255) for v in item["mask"][:-4])
+
+
+def test_masks_decode_with_cvat_rules_to_the_pipelines_own_masks(ctx: Ctx, model: ModelHandler,
+                                                                 jpeg: bytes) -> None:
+    results = _ok(ctx, _payload(jpeg, threshold=LOW))
+    prediction = Predictor(model.predictor.bundle, device="cpu").predict_bytes(jpeg, LOW)
+    cells = sorted((c for c in prediction.cells if c.polygon() is not None), key=lambda c: -c.score)
+    assert len(results) == len(cells) >= 6
+    shapes = set()
+    for item, cell in zip(results, cells, strict=True):
+        crop, (xtl, ytl, xbr, ybr) = decode_cvat_function_mask(item["mask"])
+        assert 0 <= xtl <= xbr < prediction.width and 0 <= ytl <= ybr < prediction.height
+        assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any(), "box is tight"
+        ours = place_crop(crop, (xtl, ytl), prediction.height, prediction.width)
+        theirs = cell.full_mask(prediction.height, prediction.width)
+        assert mask_iou(ours, theirs) == 1.0
+        assert item["label"] == cell.label and float(item["confidence"]) == pytest.approx(cell.score, abs=1e-4)
+        shapes.add(crop.all())
+    assert False in shapes, "the test model must give non-rectangular masks"
+
+
+def test_polygons_lie_on_the_mask_inside_its_box(ctx: Ctx, jpeg: bytes) -> None:
+    for item in _ok(ctx, _payload(jpeg, threshold=LOW)):
+        crop, (xtl, ytl, xbr, ybr) = decode_cvat_function_mask(item["mask"])
+        points = np.asarray(item["points"], dtype=float).reshape(-1, 2)
+        assert len(points) >= 3 and len(np.unique(points, axis=0)) >= 3
+        assert (points[:, 0] >= xtl).all() and (points[:, 0] <= xbr).all()
+        assert (points[:, 1] >= ytl).all() and (points[:, 1] <= ybr).all()
+        cols, rows = points[:, 0].astype(int) - xtl, points[:, 1].astype(int) - ytl
+        assert crop[rows, cols].all(), "polygon vertices are mask pixels"
+
+
+def test_labels_are_spec_labels(ctx: Ctx, jpeg: bytes) -> None:
+    spec = {label["name"] for label in _spec_labels(REPO / "function.yaml")}
+    labels = {item["label"] for item in _ok(ctx, _payload(jpeg, threshold=LOW))}
+    assert labels and labels <= spec
+
+
+def test_threshold_is_honoured_and_absent_or_zero_means_the_bundle_default(ctx: Ctx, model: ModelHandler,
+                                                                           jpeg: bytes) -> None:
+    low = _ok(ctx, _payload(jpeg, threshold=LOW))
+    scores = sorted(float(r["confidence"]) for r in low)
+    cut = (scores[len(scores) // 2] + scores[len(scores) // 2 - 1]) / 2
+    high = _ok(ctx, _payload(jpeg, threshold=cut))
+    assert 0 < len(high) < len(low)
+    assert all(float(r["confidence"]) >= cut - 1e-4 for r in high)
+    assert [r for r in low if r in high] == high, "a higher threshold returns a subset"
+    default = _ok(ctx, _payload(jpeg, threshold=model.default_threshold))
+    assert 0 < len(default) < len(low)
+    assert _ok(ctx, _payload(jpeg)) == default
+    assert _ok(ctx, _payload(jpeg, threshold=0)) == default
+    assert _ok(ctx, _payload(jpeg, threshold="0")) == default
+    assert _ok(ctx, _payload(jpeg, threshold=str(LOW), extra="ignored", frame=3)) == low  # unknown keys ignored
+
+
+def test_base64_with_newlines_or_data_url_is_accepted(jpeg: bytes) -> None:
+    encoded = base64.encodebytes(jpeg).decode()  # wrapped at 76 characters, like `base64 slide.jpg`
+    assert "\n" in encoded
+    assert parse_request({"image": encoded}) == (jpeg, None)
+    assert parse_request({"image": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()}) == (jpeg, None)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds almost no data (never decoded in full)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + _chunk(b"IEND", b""))
+
+
+def _jpeg_declaring(jpeg: bytes, width: int, height: int) -> bytes:
+    """The test JPEG with its SOF header patched to declare width x height."""
+    data = bytearray(jpeg)
+    i = 2
+    while i < len(data):
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2):
+            data[i + 5:i + 9] = struct.pack(">HH", height, width)
+            return bytes(data)
+        i += 2 + length
+    raise AssertionError("no SOF marker")
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _bad_inputs(jpeg: bytes) -> dict[str, tuple[Any, str]]:
+    """name -> (body, a word the error message must contain)."""
+    big = int((MAX_PIXELS * 1.1) ** 0.5)
+    tiny = np.full((1, 1, 3), 200, np.uint8)
+    small = np.full((MIN_SIDE - 1, 64, 3), 200, np.uint8)
+    return {
+        "no body": (None, "empty"),
+        "empty bytes": (b"", "empty"),
+        "blank str": ("  ", "empty"),
+        "non-JSON bytes": (b"\xff\xd8\xff\xe0 definitely not json", "JSON"),
+        "broken JSON": (b'{"image": "abc"', "JSON"),
+        "JSON list": (b'[{"image": "abc"}]', "object"),
+        "JSON without image": (b'{"threshold": 0.5}', "image"),
+        "image is a number": ({"image": 123}, "string"),
+        "image is null": ({"image": None}, "string"),
+        "image is a list": ({"image": ["abc"]}, "string"),
+        "image not base64": ({"image": "this is not base64!"}, "base64"),
+        "image empty": ({"image": ""}, "empty"),
+        "base64 of text": ({"image": _b64(b"hello, I am not an image")}, "image"),
+        "truncated JPEG": ({"image": _b64(jpeg[: len(jpeg) * 6 // 10])}, "truncated"),
+        "JPEG without EOI": ({"image": _b64(jpeg[:-2])}, "truncated"),
+        "truncated PNG": ({"image": _b64(_half(_encode(_slide(), "PNG")))}, "truncated"),
+        "zero-size PNG": ({"image": _b64(_png_header(0, 0))}, "image"),
+        "1x1 PNG": ({"image": _b64(_encode(tiny, "PNG"))}, str(MIN_SIDE)),
+        "too small JPEG": ({"image": _b64(_encode(small, "JPEG"))}, str(MIN_SIDE)),
+        "bomb PNG (PIL limit)": ({"image": _b64(_png_header(30000, 30000))}, "large"),
+        "bomb PNG (our limit)": ({"image": _b64(_png_header(big, big))}, "megapixels"),
+        "bomb JPEG": ({"image": _b64(_jpeg_declaring(jpeg, big, big))}, "megapixels"),
+        "GIF": ({"image": _b64(_encode(_slide(), "GIF"))}, "unsupported"),
+        "threshold abc": ({"image": _b64(jpeg), "threshold": "abc"}, "threshold"),
+        "threshold negative": ({"image": _b64(jpeg), "threshold": -0.1}, "threshold"),
+        "threshold > 1": ({"image": _b64(jpeg), "threshold": 1.5}, "threshold"),
+        "threshold NaN": (b'{"image": "' + _b64(jpeg).encode() + b'", "threshold": NaN}', "threshold"),
+        "threshold bool": ({"image": _b64(jpeg), "threshold": True}, "threshold"),
+        "threshold list": ({"image": _b64(jpeg), "threshold": [0.5]}, "threshold"),
+    }
+
+
+BAD_NAMES = list(_bad_inputs(_encode(_slide(), "JPEG")))
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_input_is_a_400_with_a_message_and_the_worker_keeps_serving(ctx: Ctx, jpeg: bytes, name: str) -> None:
+    body, word = _bad_inputs(jpeg)[name]
+    response = _call(ctx, body)
+    assert response.status_code == 400, (name, response.body)
+    error = json.loads(response.body)
+    assert set(error) == {"error"} and word.lower() in error["error"].lower(), error
+    assert "Traceback" not in response.body
+    assert "bad request" in ctx.text
+    assert len(_ok(ctx, _payload(jpeg, threshold=LOW))) >= 6
+
+
+def test_internal_failure_is_a_500_without_traceback(ctx: Ctx, model: ModelHandler, jpeg: bytes,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("secret detail at /srv/private/path")
+
+    monkeypatch.setattr(model.predictor, "predict_bytes", boom)
+    response = _call(ctx, _payload(jpeg))
+    assert response.status_code == 500
+    error = json.loads(response.body)
+    assert set(error) == {"error"}
+    assert "Traceback" not in response.body and "secret" not in response.body and "/srv" not in response.body
+    assert "Traceback" in ctx.text and "secret detail" in ctx.text, "the traceback goes to the log"
+    monkeypatch.undo()
+    assert len(_ok(ctx, _payload(jpeg, threshold=LOW))) >= 6
+
+
+# --- image formats ---------------------------------------------------------------------------------
+
+def _formats() -> dict[str, bytes]:
+    img = _slide()
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    rgba = np.dstack([img, np.full((H, W), 128, np.uint8)])
+    ok, grey16 = cv2.imencode(".png", grey.astype(np.uint16) * 257)
+    assert ok
+    return {
+        "PNG": _encode(img, "PNG"),
+        "BMP": _encode(img, "BMP"),
+        "TIFF": _encode(img, "TIFF"),
+        "grey PNG": _encode(grey, "PNG"),
+        "RGBA PNG": _encode(rgba, "PNG"),
+        "palette PNG": _encode(Image.fromarray(img).quantize(colors=16), "PNG"),
+        "16-bit grey PNG": grey16.tobytes(),
+        "grey JPEG": _encode(grey, "JPEG"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_formats()))
+def test_image_formats_are_decoded_to_8bit_rgb_and_annotated(ctx: Ctx, name: str) -> None:
+    data = _formats()[name]
+    decoded = decode_image(data)
+    assert decoded.dtype == np.uint8 and decoded.shape == (H, W, 3)
+    reference = cv2.cvtColor(_slide(), cv2.COLOR_RGB2GRAY) if "grey" in name else _slide()
+    got = cv2.cvtColor(decoded, cv2.COLOR_RGB2GRAY) if "grey" in name else decoded
+    tolerance = 12 if "JPEG" in name or "palette" in name else 1
+    assert np.abs(got.astype(int) - reference.astype(int)).mean() < tolerance, "pixels, not clipped or garbled"
+    results = _ok(ctx, _payload(data, threshold=LOW))
+    assert results
+    for item in results:
+        _, (xtl, ytl, xbr, ybr) = decode_cvat_function_mask(item["mask"])
+        assert 0 <= xtl <= xbr < W and 0 <= ytl <= ybr < H
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
+def test_exif_orientation_is_applied(ctx: Ctx, model: ModelHandler, fmt: str) -> None:
+    stored = np.ascontiguousarray(np.rot90(_slide(), k=-1))  # stored 192 wide x 256 tall ...
+    exif = Image.Exif()
+    exif[0x0112] = 8  # ... and displayed turned 90 degrees counter-clockwise: 256 wide x 192 tall
+    data = _encode(stored, fmt, exif=exif.tobytes())
+    assert probe_image(data).width == W and probe_image(data).height == H
+    decoded = decode_image(data)
+    assert decoded.shape == (H, W, 3)
+    assert np.abs(decoded.astype(int) - _slide().astype(int)).mean() < 12
+    prediction = model.predict(data, LOW)
+    assert (prediction.width, prediction.height) == (W, H)
+    for item in _ok(ctx, _payload(data, threshold=LOW)):
+        _, (xtl, ytl, xbr, ybr) = decode_cvat_function_mask(item["mask"])
+        assert 0 <= xtl <= xbr < W and 0 <= ytl <= ybr < H
+
+
+# --- init_context ----------------------------------------------------------------------------------
+
+def test_init_context_loads_the_bundle_from_the_env_and_serves(bundle: Path, jpeg: bytes,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WBC_BUNDLE_DIR", str(bundle))
+    ctx = Ctx()
+    function.init_context(ctx.context)
+    assert isinstance(ctx.context.user_data.model, ModelHandler)
+    assert str(bundle) in ctx.text and "not labels in function.yaml" not in ctx.text
+    response = nuclio_sdk.test.Platform().call_handler(function.handler, nuclio_sdk.Event(
+        body=_payload(jpeg, threshold=LOW), content_type="application/json"))  # runs init_context itself
+    assert response.status_code == 200 and len(json.loads(response.body)) >= 6
+
+
+def test_init_context_without_a_bundle_logs_the_path_and_raises(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "models" / "current"
+    monkeypatch.setenv("WBC_BUNDLE_DIR", str(missing))
+    ctx = Ctx()
+    with pytest.raises(BundleError, match=r"bundle\.yaml"):
+        function.init_context(ctx.context)
+    errors = [line for line in ctx.text.splitlines() if "[error]" in line]
+    assert len(errors) == 1 and str(missing / "bundle.yaml") in errors[0]
+    assert not hasattr(ctx.context.user_data, "model")
+
+
+def test_init_context_with_a_corrupt_bundle_names_the_file(bundle: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "bundle"
+    broken.mkdir()
+    for f in bundle.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setenv("WBC_BUNDLE_DIR", str(broken))
+    ctx = Ctx()
+    with pytest.raises(BundleError, match="corrupt"):
+        function.init_context(ctx.context)
+    assert str(weights) in ctx.text
+
+
+def test_bundle_classes_missing_from_the_spec_are_warned_about(tmp_path: Path) -> None:
+    cfg = SegmenterConfig(min_size=96, max_size=128, fpn_channels=32, mask_resolution=7)
+    directory = write_bundle(tmp_path / "b", build_model(cfg, 2), ["wbc", "neutrophil"], cfg, score_threshold=0.5)
+    ctx = Ctx()
+    function.init_model(ctx.context, directory)
+    assert "['wbc']" in ctx.text and "drops" in ctx.text
+
+
+# --- deploy.sh -------------------------------------------------------------------------------------
+
+FAKE_NUCTL = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_OUT/calls"
+if [[ "$1" == get && "$2" == project ]]; then exit 1; fi
+if [[ "$1" == deploy ]]; then
+    while [[ $# -gt 0 ]]; do
+        if [[ "$1" == --path ]]; then cp -R "$2" "$FAKE_OUT/stage"; fi
+        shift
+    done
+fi
+"""
+
+
+def _deploy(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "fake"
+    out.mkdir()
+    nuctl = out / "nuctl"
+    nuctl.write_text(FAKE_NUCTL)
+    nuctl.chmod(0o755)
+    env = {**os.environ, "NUCTL": str(nuctl), "FAKE_OUT": str(out), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(REPO / "serverless" / "deploy.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+    return proc, out
+
+
+def test_deploy_sh_usage_and_checks(bundle: Path, tmp_path: Path) -> None:
+    script = REPO / "serverless" / "deploy.sh"
+    assert "set -euo pipefail" in script.read_text()
+    helped = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert helped.returncode == 0 and "BUNDLE_DIR" in helped.stdout
+    proc, _ = _deploy(tmp_path, "cpu")
+    assert proc.returncode != 0 and "BUNDLE_DIR is required" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc, _ = _deploy(tmp_path / "empty", "cpu", str(tmp_path / "empty"))
+    assert proc.returncode != 0 and "bundle.yaml is missing" in proc.stderr
+    env = {**os.environ, "NUCTL": "no-such-nuctl-binary"}
+    proc = subprocess.run(["bash", str(script), "cpu", str(bundle)], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode != 0 and "'no-such-nuctl-binary' not found" in proc.stderr
+    proc = subprocess.run(["bash", str(script), "tpu", str(bundle)], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode != 0 and "more than one BUNDLE_DIR" in proc.stderr
+
+
+def test_deploy_sh_stages_the_nuclio_layout_that_serves(bundle: Path, jpeg: bytes, tmp_path: Path) -> None:
+    proc, out = _deploy(tmp_path, "cpu", str(bundle))
+    assert proc.returncode == 0, proc.stderr
+    calls = (out / "calls").read_text().splitlines()
+    assert calls[0].startswith("version")
+    assert "create project cvat --platform local" in calls
+    deploy = next(c for c in calls if c.startswith("deploy"))
+    assert "--project-name cvat" in deploy and "--platform local" in deploy and "function.yaml" in deploy
+    assert "WBC_BUNDLE_DIR=/opt/nuclio/bundle" in deploy and '"network": "cvat_cvat"' in deploy
+    stage = out / "stage"  # what Nuclio copies to /opt/nuclio
+    for rel in ("main.py", "function.yaml", "serverless/model_handler.py", "trainer/predict.py",
+                "bundle/bundle.yaml", "bundle/model.pt"):
+        assert (stage / rel).is_file(), rel
+    assert not list(stage.rglob("__pycache__")) and not list(tmp_path.glob("wbc-maskrcnn.*")), "stage cleaned up"
+    # Run it the way the processor does: /opt/nuclio on the path, handler main:handler, env from function.yaml.
+    script = (
+        "import base64, json, logging, sys, nuclio_sdk, nuclio_sdk.logger\n"
+        "import main, serverless, trainer\n"
+        "assert main.__file__.startswith(sys.argv[1]) and serverless.__file__.startswith(sys.argv[1])\n"
+        "assert trainer.__file__.startswith(sys.argv[1]), trainer.__file__\n"
+        "log = nuclio_sdk.Logger(logging.INFO, 'stage'); log.set_handler('x', sys.stderr, "
+        "nuclio_sdk.logger.HumanReadableFormatter())\n"
+        "ctx = nuclio_sdk.Context(logger=log); main.init_context(ctx)\n"
+        "img = base64.b64encode(open(sys.argv[2], 'rb').read()).decode()\n"
+        "r = main.handler(ctx, nuclio_sdk.Event(body={'image': img, 'threshold': 0.02}, "
+        "content_type='application/json'))\n"
+        "print(r.status_code, len(json.loads(r.body)))\n"
+    )
+    (tmp_path / "slide.jpg").write_bytes(jpeg)
+    env = {**os.environ, "WBC_BUNDLE_DIR": str(stage / "bundle"), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run([sys.executable, "-c", script, str(stage), str(tmp_path / "slide.jpg")], cwd=stage,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    status, count = run.stdout.split()
+    assert status == "200" and int(count) >= 6
+
+
+def test_deploy_sh_gpu_with_a_mounted_bundle(bundle: Path, tmp_path: Path) -> None:
+    proc, out = _deploy(tmp_path, "gpu", str(bundle), "--mount")
+    assert proc.returncode == 0, proc.stderr
+    deploy = next(c for c in (out / "calls").read_text().splitlines() if c.startswith("deploy"))
+    assert "function-gpu.yaml" in deploy and f"--volume {bundle}:/models/current" in deploy
+    assert "WBC_BUNDLE_DIR=/models/current" in deploy
+    stage = out / "stage"
+    assert not (stage / "bundle").exists()
+    env = {e["name"]: e["value"] for e in yaml.safe_load((stage / "function-gpu.yaml").read_text())["spec"]["env"]}
+    assert env["WBC_BUNDLE_DIR"] == "/models/current"
+
+
+# --- the local CLI ---------------------------------------------------------------------------------
+
+def test_cli_writes_cvat_json_xml_and_overlays(bundle: Path, model: ModelHandler, jpeg: bytes, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "a.jpg").write_bytes(jpeg)
+    (slides / "b.png").write_bytes(_encode(_slide()[:, ::-1].copy(), "PNG"))
+    out = tmp_path / "out"
+    code = cli_main(["annotate", str(slides / "a.jpg"), str(slides / "b.png"), "--bundle", str(bundle),
+                     "--out", str(out), "--threshold", str(LOW)])
+    assert code == 0
+    assert "2 slides" in capsys.readouterr().out
+    ctx = Ctx(model)
+    expected = _call(ctx, request_body(jpeg, LOW)).body
+    assert (out / "a.json").read_text() == expected, "the file is exactly what the function returns"
+    dataset = read_cvat_xml(out / "annotations.xml")
+    assert [(r.name, r.width, r.height) for r in dataset.images] == [("a.jpg", W, H), ("b.png", W, H)]
+    assert set(dataset.labels) == set(RVPBS_LABELS)
+    for record, stem in zip(dataset.images, ("a", "b"), strict=True):
+        results = json.loads((out / f"{stem}.json").read_text())
+        assert len(record.instances) == len(results) >= 6
+        for inst, item in zip(record.instances, results, strict=True):
+            assert inst.label == item["label"] and inst.kind == "polygon"
+            np.testing.assert_allclose(inst.polygon.reshape(-1), item["points"], atol=0.01)
+        overlay = cv2.imread(str(out / f"{stem}_overlay.png"))
+        assert overlay is not None and overlay.shape == (H, W, 3)
+
+
+def test_cli_reports_bad_slides_and_keeps_going(bundle: Path, jpeg: bytes, tmp_path: Path) -> None:
+    (tmp_path / "good.jpg").write_bytes(jpeg)
+    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    out = tmp_path / "out"
+    code = cli_main(["annotate", str(tmp_path / "cut.jpg"), str(tmp_path / "good.jpg"), "--bundle", str(bundle),
+                     "--out", str(out)])
+    assert code == 1
+    assert (out / "good.json").is_file() and not (out / "cut.json").exists()
+    assert [r.name for r in read_cvat_xml(out / "annotations.xml").images] == ["good.jpg"]
+
+
+def test_cli_help_explains_and_bundle_defaults_to_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = subprocess.run([sys.executable, "-m", "serverless", "annotate", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    for word in ("--bundle", "--out", "--threshold", "annotations.xml", "_overlay.png", "WBC_BUNDLE_DIR"):
+        assert word in proc.stdout
+    from serverless.__main__ import build_parser
+
+    monkeypatch.setenv("WBC_BUNDLE_DIR", "/models/current")
+    args = build_parser().parse_args(["annotate", "x.jpg", "--out", "o"])
+    assert args.bundle == Path("/models/current") and args.threshold is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["annotate", "x.jpg", "--out", "o", "--threshold", "2"])
