@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                       "box_ap50": m["bbox"]["AP50"]})
         log.info("epoch %d (%.1f min): %s", epoch, train_seconds / 60, summary_line(m))
 
+    sha = git_sha()  # the code that runs is the code checked out now
     t_wall = time.perf_counter()
     bundle_dir = train_segmenter(cfg, train, args.run_dir, resume=args.resume, on_epoch_end=on_epoch)
     predictor = Predictor(bundle_dir, device="cpu")
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "curve": curve,
         "config": cfg.to_dict(),
-        "git_sha": git_sha(),
+        "git_sha": sha,
         "torch": str(torch.__version__),
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
     }
