@@ -129,3 +129,27 @@ def test_bundle_errors_name_the_file(tmp_path: Path) -> None:
     (directory / BUNDLE_FILE).write_text(yaml.safe_dump({"format": "something-else"}))
     with pytest.raises(BundleError, match="is not a wbc-bundle/1 bundle"):
         load_bundle(directory)
+
+
+def test_predictor_returns_each_cell_once(tmp_path: Path) -> None:
+    """Cross-class NMS: an untrained model scores every class at every place; CVAT must get one shape per cell."""
+    import numpy as np
+    from torchvision.ops import box_iou
+
+    from trainer.predict import Predictor
+
+    cfg = SegmenterConfig(**SMALL, box_detections_per_img=1000)
+    torch.manual_seed(0)
+    model = build_model(cfg, 10)
+    with torch.no_grad():  # make class scores near-uniform so several classes survive per-class NMS
+        model.roi_heads.box_predictor.cls_score.weight.mul_(0.0)
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.fill_(5.0)  # non-empty masks
+        model.roi_heads.box_predictor.bbox_pred.weight.mul_(0.0)  # every class refines to the same box
+    write_bundle(tmp_path / "b", model, [f"c{i}" for i in range(10)], cfg, 0.0)
+    image = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    plain = Predictor(tmp_path / "b", device="cpu", cross_class_nms=None).predict(image, threshold=0.0)
+    once = Predictor(tmp_path / "b", device="cpu").predict(image, threshold=0.0)
+    assert len(plain.cells) > len(once.cells) > 0
+    boxes = torch.tensor([c.box for c in once.cells])
+    iou = box_iou(boxes, boxes).fill_diagonal_(0)
+    assert float(iou.max()) <= 0.5 + 1e-6

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="end to end on synthetic slides: generate, train, evaluate, predict")
     d.add_argument("--out", type=Path, default=Path("demo-output"))
-    d.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    d.add_argument("--minutes", type=float, default=5.0, help="training time budget")
     d.set_defaults(func=cmd_demo)
     return p
 

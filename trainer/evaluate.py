@@ -107,6 +107,10 @@ def evaluate_bundle(predictor: Predictor, data: AnnotatedDataset, label_map: Lab
         preds.append(predictor.predict_file(rec.path, threshold=threshold))
     seconds = time.perf_counter() - t0
     metrics = evaluate_predictions(data, preds, label_map, class_agnostic=class_agnostic)
+    if not class_agnostic and len(label_map.classes) > 1:
+        # how well cells are found and outlined, whatever label they got
+        agnostic = evaluate_predictions(data, preds, label_map, class_agnostic=True)
+        metrics["class_agnostic"] = {"bbox": agnostic["bbox"], "segm": agnostic["segm"]}
     metrics["seconds_per_frame"] = seconds / max(1, len(data.images))
     metrics["threshold"] = threshold
     if out_dir is not None:
@@ -122,6 +126,10 @@ def evaluate_bundle(predictor: Predictor, data: AnnotatedDataset, label_map: Lab
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
-    return (f"mask AP {metrics['segm']['AP']:.3f}  AP50 {metrics['segm']['AP50']:.3f}  "
+    line = (f"mask AP {metrics['segm']['AP']:.3f}  AP50 {metrics['segm']['AP50']:.3f}  "
             f"AP75 {metrics['segm']['AP75']:.3f} | box AP {metrics['bbox']['AP']:.3f}  "
             f"AP50 {metrics['bbox']['AP50']:.3f}  ({metrics['images']} frames, {metrics['gt_cells']} cells)")
+    if "class_agnostic" in metrics:
+        ag = metrics["class_agnostic"]["segm"]
+        line += f"; any label: mask AP {ag['AP']:.3f}  AP50 {ag['AP50']:.3f}"
+    return line

@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torchvision.ops import nms
 
 from trainer.bundle import Bundle, load_bundle
 from trainer.data.images import decode_rgb, read_rgb, resize_to, target_scale
@@ -87,13 +88,18 @@ def paste_mask(prob: np.ndarray, box: np.ndarray, width: int, height: int, thres
 class Predictor:
     """Loads a bundle once; :meth:`predict` is thread-compatible but not re-entrant (one model)."""
 
-    def __init__(self, bundle: Bundle | str | Path, device: str | None = None) -> None:
+    def __init__(self, bundle: Bundle | str | Path, device: str | None = None, cross_class_nms: float | None = 0.5
+                 ) -> None:
+        """``cross_class_nms``: Mask R-CNN suppresses overlaps only within a class, so one cell can come back
+        once per plausible class; boxes overlapping a better-scoring one by more than this IoU are dropped,
+        so each cell reaches CVAT once, with its best label. None keeps torchvision's behaviour."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = self.bundle.build_segmenter().to(self.device)
         self.classes = self.bundle.classes
         cfg = self.bundle.model_config
         self.max_size, self.min_size = cfg.max_size, cfg.min_size
+        self.cross_class_nms = cross_class_nms
 
     @property
     def default_threshold(self) -> float:
@@ -156,4 +162,8 @@ class Predictor:
         ratio = torch.tensor([image.shape[1] / tw, image.shape[0] / th] * 2, device=det["boxes"].device)
         boxes = (det["boxes"] * ratio).cpu().numpy()
         probs = det["masks"][:, 0].cpu().numpy() if "masks" in det else np.zeros((0, 28, 28), np.float32)
-        return boxes, det["scores"].cpu().numpy(), det["labels"].cpu().numpy(), probs
+        scores, labels = det["scores"].cpu().numpy(), det["labels"].cpu().numpy()
+        if self.cross_class_nms is not None and len(boxes) > 1:
+            keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores), self.cross_class_nms).numpy()
+            boxes, scores, labels, probs = boxes[keep], scores[keep], labels[keep], probs[keep]
+        return boxes, scores, labels, probs
