@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle_dir = train_segmenter(cfg, train, args.run_dir, resume=args.resume, on_epoch_end=on_epoch)
     predictor = Predictor(bundle_dir, device="cpu")
     final = evaluate_bundle(predictor, test, cfg.labels, out_dir=args.out / "segmentation_bccd_eval", overlays=4)
-    train_seconds = json.loads(json.dumps(predictor.bundle.provenance))["train_seconds"]
+    train_seconds = predictor.bundle.provenance["train_seconds"]
     if not curve or curve[-1]["mask_ap"] != final["segm"]["AP"]:
         curve.append({"epoch": predictor.bundle.provenance["epochs"], "train_seconds": train_seconds,
                       "mask_ap": final["segm"]["AP"], "mask_ap50": final["segm"]["AP50"],
