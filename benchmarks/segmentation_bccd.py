@@ -2,11 +2,18 @@
 
 Trains the default CPU config (trainer/configs/segmenter-cpu.yaml) from scratch. BCCD frames are
 640x480 with WBCs ~145 px across, so the input size is set to the frames' own size (640/480)
-instead of the 1024 px meant for 4032x3024 slides; everything else is the default. Writes
+instead of the 1008 px meant for 4032x3024 slides; everything else is the default. Writes
 ``segmentation_bccd.json`` (mask AP, mask AP50, box AP50, training time, peak RSS, learning curve,
 config, git sha, command), ``segmentation_bccd_curve.png`` and overlays of a few test images.
 
     python benchmarks/segmentation_bccd.py --bccd ../shared/data/bccd-wbc --out benchmarks/results
+
+The baseline of the latency benchmark (torchvision's maskrcnn_resnet50_fpn at its 800/1333 defaults,
+same recipe, same time budget) is trained and scored the same way:
+
+    python benchmarks/segmentation_bccd.py --bccd ../shared/data/bccd-wbc --out benchmarks/results \
+        --config benchmarks/configs/maskrcnn-resnet50-torchvision.yaml --keep-input-size \
+        --name segmentation_bccd_torchvision --run-dir runs/bccd-torchvision --max-minutes 58
 """
 
 from __future__ import annotations
@@ -72,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=2, help="epochs between learning-curve points")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--keep-input-size", action="store_true",
+                    help="train at the config's own min/max size instead of BCCD's native 640x480 "
+                         "(for the torchvision baseline, benchmarks/configs/maskrcnn-resnet50-torchvision.yaml)")
+    ap.add_argument("--name", default="segmentation_bccd", help="stem of the result files in --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
     cfg = load_config(args.config)
-    cfg.model.max_size, cfg.model.min_size = 640, 480
+    if not args.keep_input_size:
+        cfg.model.max_size, cfg.model.min_size = 640, 480
     cfg.labels = LabelMap(classes=[WBC_LABEL], ignore=[])
     cfg.train.threads = args.threads
     cfg.train.max_minutes = args.max_minutes
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     t_wall = time.perf_counter()
     bundle_dir = train_segmenter(cfg, train, args.run_dir, resume=args.resume, on_epoch_end=on_epoch)
     predictor = Predictor(bundle_dir, device="cpu")
-    final = evaluate_bundle(predictor, test, cfg.labels, out_dir=args.out / "segmentation_bccd_eval", overlays=4)
+    final = evaluate_bundle(predictor, test, cfg.labels, out_dir=args.out / f"{args.name}_eval", overlays=4)
     train_seconds = predictor.bundle.provenance["train_seconds"]
     if not curve or curve[-1]["mask_ap"] != final["segm"]["AP"]:
         curve.append({"epoch": predictor.bundle.provenance["epochs"], "train_seconds": train_seconds,
@@ -138,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "segmentation_bccd.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_curve(curve, args.out / "segmentation_bccd_curve.png", 0.85)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_curve(curve, args.out / f"{args.name}_curve.png", 0.85)
     log.info("final: %s; trained %.1f min; peak RSS %.0f MB -> %s", summary_line(final), train_seconds / 60,
-             result["peak_rss_mb"], args.out / "segmentation_bccd.json")
+             result["peak_rss_mb"], args.out / f"{args.name}.json")
     return 0
 
 

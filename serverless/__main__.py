@@ -132,7 +132,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                               source="auto", score=float(r["confidence"])) for r in results]
         records.append(ImageRecord(name=path.name, width=info.width, height=info.height, instances=instances,
                                    frame_id=len(records)))
-        picture = decode_image(data, info, min_long_side=1024)
+        picture = decode_image(data, info, min_long_side=1008)
         save_png(draw_overlay(picture, [], _cells_from_results(results), info.width, info.height),
                  args.out / f"{stem}_overlay.png")
         log.info("%s: %d cells", path, len(results))

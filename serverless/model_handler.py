@@ -7,14 +7,14 @@
    (``threshold`` only when truthy). ``event.body`` is a dict when the request said
    ``Content-Type: application/json`` and raw bytes otherwise; both are accepted.
 2. :func:`probe_image`: the header is read with PIL, without decoding, to reject unsupported formats,
-   images under :data:`MIN_SIDE` px and decompression bombs over :data:`MAX_PIXELS`; a JPEG is then
-   test-decoded at 1/8 scale, which reads all of its entropy-coded data, so a truncated upload is
-   refused instead of being half-decoded (OpenCV decodes some truncated JPEGs without an error).
+   images under :data:`MIN_SIDE` px and decompression bombs over :data:`MAX_PIXELS`. A truncated
+   JPEG is refused by the decoder itself (libjpeg through PIL, which, unlike OpenCV, does not hand
+   back a half-grey image).
 3. :class:`ModelHandler` runs :class:`trainer.predict.Predictor`, the pipeline evaluation and the
    benchmarks use. JPEGs go through ``predict_bytes`` (OpenCV's reduced-size JPEG decode, EXIF
    orientation applied); PNG/BMP/TIFF/WebP are decoded with PIL (EXIF orientation applied; grey,
    palette, RGBA and 16-bit images become 8-bit RGB).
-4. :func:`to_cvat_results`: one ``mask`` shape per cell, with ``mask`` = flat 0/255 crop + inclusive
+4. :func:`to_cvat_json`: one ``mask`` shape per cell, with ``mask`` = flat 0/255 crop + inclusive
    ``[xtl, ytl, xbr, ybr]`` in frame coordinates and ``points`` = a polygon of the same cell
    (CVAT stores that one when "convert masks to polygons" is on, and its AI-tools dialog needs it).
 
@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from trainer.data.images import ImageReadError, decode_rgb
-from trainer.data.masks import cvat_function_mask, mask_to_polygon
+from trainer.data.masks import cvat_function_mask_json, mask_to_polygon
 from trainer.predict import Cell, Prediction, Predictor
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,8 @@ def _orientation(img: Image.Image) -> int:
 def probe_image(data: bytes) -> ImageInfo:
     """Check an upload from its header (no full decode); raises :class:`BadRequest`.
 
-    Rejects non-images and unsupported formats, images under ``MIN_SIDE`` px, images declaring
-    more than ``MAX_PIXELS`` (before anything is decoded), and truncated JPEGs.
+    Rejects non-images and unsupported formats, images under ``MIN_SIDE`` px and images declaring
+    more than ``MAX_PIXELS`` (before anything is decoded). Truncation is found by the decoder.
     """
     try:
         with warnings.catch_warnings():
@@ -175,14 +175,6 @@ def probe_image(data: bytes) -> ImageInfo:
         if min(width, height) < MIN_SIDE:
             raise BadRequest(f"image is {width}x{height}; both sides must be at least {MIN_SIDE} px")
         orientation = _orientation(img)
-        if fmt in JPEG_FORMATS:
-            # libjpeg at 1/8 scale still reads every scan, so a cut-off upload fails here (cheap: ~1/64 of
-            # the pixels) instead of being decoded half-grey by OpenCV.
-            try:
-                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                img.load()
-            except (OSError, SyntaxError, ValueError) as exc:
-                raise BadRequest(f"JPEG is truncated or corrupt ({exc}); upload the complete file") from exc
         if fmt == "TIFF":  # newer Pillow reports a TIFF's size already oriented: start from the stored size
             with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
                 width, height = int(img.tag_v2[256]), int(img.tag_v2[257])
@@ -242,48 +234,58 @@ def _frame_crop(cell: Cell, width: int, height: int) -> tuple[np.ndarray, tuple[
     return crop[y0 - top:y1 - top, x0 - left:x1 - left], (x0, y0)
 
 
-def cell_to_cvat(cell: Cell, width: int, height: int, tolerance: float = POLYGON_TOLERANCE) -> dict | None:
-    """One cell as a CVAT detector ``mask`` result, or None when it has no mask or no polygon."""
+def cell_to_cvat_json(cell: Cell, width: int, height: int, tolerance: float = POLYGON_TOLERANCE) -> str | None:
+    """One cell as the JSON text of a CVAT detector ``mask`` result, or None when it has no mask or
+    no polygon of at least 3 vertices.
+
+    Keys: ``confidence`` (a string), ``label``, ``type: "mask"``, ``points`` (polygon, frame px) and
+    ``mask`` = the flat 0/255 tight crop + inclusive ``[xtl, ytl, xbr, ybr]`` in frame coordinates.
+    The mask is written as text directly (:func:`cvat_function_mask_json`): it is by far the largest
+    part of the response.
+    """
     placed = _frame_crop(cell, width, height)
     if placed is None:
         return None
     crop, (left, top) = placed
-    mask = cvat_function_mask(crop)  # flat 0/255 tight crop + inclusive box in *crop* coordinates
-    if mask is None:
-        return None
     polygon = mask_to_polygon(crop, tolerance=tolerance, offset=(left, top))
-    if polygon is None:
+    mask = cvat_function_mask_json(crop, offset=(left, top))
+    if polygon is None or mask is None:
         return None
-    mask[-4:] = [mask[-4] + left, mask[-3] + top, mask[-2] + left, mask[-1] + top]
-    return {
+    head = json.dumps({
         "confidence": str(round(float(cell.score), 4)),
         "label": cell.label,
         "type": "mask",
         "points": [round(float(v), 2) for v in polygon.reshape(-1)],
-        "mask": mask,
-    }
+    })
+    return head[:-1] + ', "mask": ' + mask + "}"
 
 
-def to_cvat_results(prediction: Prediction, threshold: float | None = None,
-                    tolerance: float = POLYGON_TOLERANCE) -> list[dict]:
-    """CVAT detector results for a prediction, highest score first.
+def to_cvat_json(prediction: Prediction, threshold: float | None = None,
+                 tolerance: float = POLYGON_TOLERANCE) -> tuple[str, int]:
+    """The response body CVAT gets (a JSON list, highest score first) and how many shapes it holds.
 
     Cells scoring under ``threshold`` (when given) and cells without a mask or a polygon of at
     least 3 vertices are left out.
     """
-    results = []
+    items = []
     for cell in sorted(prediction.cells, key=lambda c: -c.score):
         if threshold is not None and cell.score < threshold:
             continue
-        item = cell_to_cvat(cell, prediction.width, prediction.height, tolerance)
+        item = cell_to_cvat_json(cell, prediction.width, prediction.height, tolerance)
         if item is not None:
-            results.append(item)
-    return results
+            items.append(item)
+    return "[" + ", ".join(items) + "]", len(items)
+
+
+def to_cvat_results(prediction: Prediction, threshold: float | None = None,
+                    tolerance: float = POLYGON_TOLERANCE) -> list[dict]:
+    """:func:`to_cvat_json` as Python objects."""
+    return json.loads(to_cvat_json(prediction, threshold, tolerance)[0])
 
 
 def _json_response(context: Any, payload: Any, status_code: int) -> Any:
-    return context.Response(body=json.dumps(payload), headers={}, content_type="application/json",
-                            status_code=status_code)
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    return context.Response(body=body, headers={}, content_type="application/json", status_code=status_code)
 
 
 class ModelHandler:
@@ -291,6 +293,7 @@ class ModelHandler:
 
     def __init__(self, bundle: str | Path, device: str | None = None) -> None:
         self.predictor = Predictor(bundle, device=device)
+        self.last_timings: dict[str, float] = {}
 
     @property
     def classes(self) -> list[str]:
@@ -313,19 +316,34 @@ class ModelHandler:
                 return self.predictor.predict_bytes(data, threshold)
             except ImageReadError as exc:
                 raise BadRequest(str(exc)) from exc
-        return self.predictor.predict(decode_image(data, info), threshold)
+        t0 = time.perf_counter()
+        image = decode_image(data, info)
+        prediction = self.predictor.predict(image, threshold)
+        prediction.timings["decode"] = time.perf_counter() - t0 - sum(prediction.timings.values())
+        return prediction
 
-    def infer(self, body: dict | bytes | bytearray | str | None) -> list[dict]:
-        """Request body -> CVAT results (raises :class:`BadRequest`)."""
+    def infer(self, body: dict | bytes | bytearray | str | None) -> tuple[str, int]:
+        """Request body -> (CVAT results as JSON text, number of shapes); raises :class:`BadRequest`.
+
+        :attr:`last_timings` then holds the seconds spent in each stage of this request: ``parse``
+        (JSON + base64), ``decode``, ``resize``, ``model``, ``masks`` (upsampling to native
+        resolution) and ``encode`` (polygons + CVAT mask JSON).
+        """
+        self.last_timings = {}
+        t0 = time.perf_counter()
         data, threshold = parse_request(body)
+        parse = time.perf_counter() - t0
         prediction = self.predict(data, threshold)
-        return to_cvat_results(prediction, threshold)
+        t1 = time.perf_counter()
+        text, count = to_cvat_json(prediction, threshold)
+        self.last_timings = {"parse": parse, **prediction.timings, "encode": time.perf_counter() - t1}
+        return text, count
 
     def handle(self, context: Any, event: Any) -> Any:
         """Serve one Nuclio event; always returns a ``context.Response`` (never a bare list)."""
         start = time.perf_counter()
         try:
-            results = self.infer(event.body)
+            body, count = self.infer(event.body)
         except BadRequest as exc:
             context.logger.warn_with("bad request", error=exc.message)
             return _json_response(context, {"error": exc.message}, 400)
@@ -334,6 +352,5 @@ class ModelHandler:
                                       traceback=traceback.format_exc())
             return _json_response(context, {"error": f"internal error ({type(exc).__name__}) while annotating "
                                                      "the image; see the function logs"}, 500)
-        context.logger.info_with("annotated", shapes=len(results),
-                                 ms=round((time.perf_counter() - start) * 1000, 1))
-        return _json_response(context, results, 200)
+        context.logger.info_with("annotated", shapes=count, ms=round((time.perf_counter() - start) * 1000, 1))
+        return _json_response(context, body, 200)

@@ -63,6 +63,20 @@ def test_function_mask_round_trip() -> None:
     assert M.cvat_function_mask(np.zeros((4, 4), bool)) is None
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_function_mask_json_is_json_dumps_of_the_list(seed: int) -> None:
+    import json
+
+    full = np.zeros((70, 90), dtype=bool)
+    full[5:45, 12:70] = random_blob(40, 58, seed)
+    full[0, 0] = seed == 3  # a crop that starts with foreground
+    expected = M.cvat_function_mask(full)
+    expected[-4:] = [expected[-4] + 100, expected[-3] + 7, expected[-2] + 100, expected[-1] + 7]
+    text = M.cvat_function_mask_json(full, offset=(100, 7))
+    assert text == json.dumps(expected)
+    assert M.cvat_function_mask_json(np.zeros((3, 3), bool)) is None
+
+
 @pytest.mark.parametrize("compressed", [True, False])
 def test_coco_rle_round_trip(compressed: bool) -> None:
     mask = random_blob(90, 120, 3)

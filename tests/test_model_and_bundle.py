@@ -53,7 +53,7 @@ def test_config_rejects_unknown_keys_and_backbones() -> None:
 def test_packaged_default_config_loads() -> None:
     cfg = load_config(None)
     assert cfg.model.backbone == "mobilenet_v3_large_fpn"
-    assert cfg.model.max_size == 1024
+    assert cfg.model.max_size == 1008
     assert len(cfg.labels.classes) == 10
 
 

@@ -1,7 +1,7 @@
 """Mask R-CNN (torchvision) with a configurable backbone, and how weights get into it.
 
 Backbones:
-- ``mobilenet_v3_large_fpn``: the default CPU model (light, fast at ~1024 px);
+- ``mobilenet_v3_large_fpn``: the default CPU model (light, fast at ~1000 px);
 - ``resnet18_fpn``: a middle ground with a stride-4 pyramid (sharper masks);
 - ``resnet50_fpn``: the paper-equivalent model (torchvision's ``maskrcnn_resnet50_fpn``).
 
@@ -13,6 +13,7 @@ a torchvision weights name such as ``MaskRCNN_ResNet50_FPN_Weights.DEFAULT`` /
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -44,9 +45,10 @@ class SegmenterConfig:
 
     backbone: str = "mobilenet_v3_large_fpn"
     # Input size: the image is resized so that its long side is ``max_size`` (and short side at most
-    # ``min_size``). Cells are 600-1300 px in 4032x3024 photos, so ~1024 keeps them 150-330 px.
-    min_size: int = 768
-    max_size: int = 1024
+    # ``min_size``). Cells are 600-1300 px in 4032x3024 photos, so 1008 keeps them 150-325 px, and
+    # 1008x756 is exactly libjpeg's 1/4-scale decode of a 4032x3024 JPEG: no resize at inference.
+    min_size: int = 756
+    max_size: int = 1008
     weights: str | None = None            # whole-model weights: file path or torchvision weights name
     backbone_weights: str | None = None   # backbone-only torchvision weights name (ImageNet)
     trainable_backbone_layers: int | None = None  # None: all when from scratch, 3 when pretrained
@@ -221,3 +223,49 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """A conv whose output equals ``bn(conv(x))`` in eval mode (BatchNorm2d or FrozenBatchNorm2d)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    fused.weight = nn.Parameter(conv.weight.detach() * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+    return fused.to(conv.weight.device)
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a conv (in registration order) into that conv.
+
+    This holds for torchvision's MobileNetV3 / ResNet / FPN blocks, whose forward calls each conv's
+    BatchNorm right after it; the folded model is checked against the original in the tests. Only for
+    inference: the model must be in eval mode. Returns how many pairs were folded.
+    """
+    folded = 0
+    for child in module.children():
+        folded += fold_batchnorm(child)
+    kids = list(module.named_children())
+    for (conv_name, conv), (bn_name, bn) in itertools.pairwise(kids):
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, (nn.BatchNorm2d, FrozenBatchNorm2d)) \
+                and bn.running_var is not None:
+            setattr(module, conv_name, _fold_bn(conv, bn))
+            setattr(module, bn_name, nn.Identity())
+            folded += 1
+    return folded
+
+
+def optimize_for_inference(model: MaskRCNN) -> MaskRCNN:
+    """Eval-mode model made faster without changing its outputs beyond float rounding.
+
+    BatchNorm folded into the convs before it, and the backbone (body + FPN) kept in channels-last
+    memory layout, which oneDNN runs MobileNet's depthwise convs much faster in (about 2x on 2 CPU
+    cores at 1008x756 with both).
+    """
+    model.eval()
+    with torch.no_grad():
+        n = fold_batchnorm(model.backbone)
+    model.backbone.to(memory_format=torch.channels_last)
+    log.debug("inference model: %d BatchNorms folded, backbone channels-last", n)
+    return model

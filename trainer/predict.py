@@ -18,11 +18,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.ops import nms
 
 from trainer.bundle import Bundle, load_bundle
 from trainer.data.images import decode_rgb, read_rgb, resize_to, target_scale
 from trainer.data.masks import mask_to_polygon
+from trainer.model import optimize_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class Predictor:
         so each cell reaches CVAT once, with its best label. None keeps torchvision's behaviour."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = self.bundle.build_segmenter().to(self.device)
+        self.model = optimize_for_inference(self.bundle.build_segmenter().to(self.device))
         self.classes = self.bundle.classes
         cfg = self.bundle.model_config
         self.max_size, self.min_size = cfg.max_size, cfg.min_size
@@ -106,12 +109,20 @@ class Predictor:
         return self.bundle.score_threshold
 
     def predict_file(self, path: str | Path, threshold: float | None = None) -> Prediction:
+        t0 = time.perf_counter()
         image, scale = read_rgb(path, min_long_side=self.max_size)
-        return self._predict_decoded(image, scale, threshold)
+        decode = time.perf_counter() - t0
+        prediction = self._predict_decoded(image, scale, threshold)
+        prediction.timings = {"decode": decode, **prediction.timings}
+        return prediction
 
     def predict_bytes(self, data: bytes, threshold: float | None = None) -> Prediction:
+        t0 = time.perf_counter()
         image, scale = decode_rgb(data, min_long_side=self.max_size)
-        return self._predict_decoded(image, scale, threshold)
+        decode = time.perf_counter() - t0
+        prediction = self._predict_decoded(image, scale, threshold)
+        prediction.timings = {"decode": decode, **prediction.timings}
+        return prediction
 
     def predict(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
         """``image``: native-resolution RGB uint8 (H, W, 3)."""
@@ -128,14 +139,12 @@ class Predictor:
         timings["resize"] = time.perf_counter() - t0
         thr = self.default_threshold if threshold is None else float(threshold)
         t1 = time.perf_counter()
-        boxes, scores, labels, probs = self._run_model(small)
+        boxes, scores, labels, probs = self._run_model(small, thr)
         timings["model"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         cells: list[Cell] = []
         sx, sy = native_w / in_w, native_h / in_h
         for box, score, label, prob in zip(boxes, scores, labels, probs, strict=True):
-            if score < thr:
-                continue
             nbox = np.array([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy])
             pasted = paste_mask(prob, nbox, native_w, native_h)
             if pasted is None:
@@ -148,22 +157,36 @@ class Predictor:
         return Prediction(cells=cells, width=native_w, height=native_h, timings=timings)
 
     @torch.inference_mode()
-    def _run_model(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes in input-image coords, scores, labels, and raw (M x M) mask probabilities."""
+    def _run_model(self, image: np.ndarray, threshold: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes in ``image`` coordinates, scores, labels and raw (M x M) mask probabilities.
+
+        Torchvision's Mask R-CNN forward, unrolled so that the mask head only runs on the cells that
+        will be returned: detections after the cross-class NMS scoring at least ``threshold`` (the
+        forward would run it on up to ``box_detections_per_img`` candidates, most of them discarded).
+        ``image`` is already at the model's input size, so the transform's resize (a no-op at scale
+        1.0 that still costs an interpolation) is skipped; normalisation and padding are its own.
+        """
         model = self.model
+        rh = model.roi_heads
         tensor = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float().div_(255.0)
-        images, _ = model.transform([tensor])
+        tensor = model.transform.normalize(tensor)
+        batched = model.transform.batch_images([tensor], size_divisible=model.transform.size_divisible)
+        images = ImageList(batched.contiguous(memory_format=torch.channels_last), [tuple(image.shape[:2])])
         features = model.backbone(images.tensors)
         proposals, _ = model.rpn(images, features)
-        detections, _ = model.roi_heads(features, proposals, images.image_sizes)
-        det = detections[0]
-        # Undo the transform's own (near 1.0) resize so boxes are in ``image`` coordinates.
-        th, tw = images.image_sizes[0]
-        ratio = torch.tensor([image.shape[1] / tw, image.shape[0] / th] * 2, device=det["boxes"].device)
-        boxes = (det["boxes"] * ratio).cpu().numpy()
-        probs = det["masks"][:, 0].cpu().numpy() if "masks" in det else np.zeros((0, 28, 28), np.float32)
-        scores, labels = det["scores"].cpu().numpy(), det["labels"].cpu().numpy()
-        if self.cross_class_nms is not None and len(boxes) > 1:
-            keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores), self.cross_class_nms).numpy()
-            boxes, scores, labels, probs = boxes[keep], scores[keep], labels[keep], probs[keep]
-        return boxes, scores, labels, probs
+        box_features = rh.box_head(rh.box_roi_pool(features, proposals, images.image_sizes))
+        class_logits, box_regression = rh.box_predictor(box_features)
+        boxes_t, scores_t, labels_t = (x[0] for x in rh.postprocess_detections(
+            class_logits, box_regression, proposals, images.image_sizes))
+        if self.cross_class_nms is not None and len(boxes_t) > 1:
+            keep = nms(boxes_t, scores_t, self.cross_class_nms)
+            boxes_t, scores_t, labels_t = boxes_t[keep], scores_t[keep], labels_t[keep]
+        keep = scores_t >= threshold
+        boxes_t, scores_t, labels_t = boxes_t[keep], scores_t[keep], labels_t[keep]
+        m = 2 * rh.mask_roi_pool.output_size[0]
+        probs = np.zeros((0, m, m), np.float32)
+        if len(boxes_t):
+            mask_features = rh.mask_head(rh.mask_roi_pool(features, [boxes_t], images.image_sizes))
+            probs = maskrcnn_inference(rh.mask_predictor(mask_features), [labels_t])[0][:, 0].cpu().numpy()
+        return boxes_t.cpu().numpy(), scores_t.cpu().numpy(), labels_t.cpu().numpy(), probs

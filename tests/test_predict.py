@@ -1,0 +1,158 @@
+"""The inference fast path must give what torchvision's own Mask R-CNN forward gives.
+
+``Predictor`` folds BatchNorm into convs, runs the backbone channels-last, skips the transform's
+no-op resize and runs the mask head only on the cells it returns. These tests compare each of those
+with the plain model on the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from trainer.bundle import write_bundle
+from trainer.data.images import ImageReadError, decode_rgb
+from trainer.model import SegmenterConfig, build_model, fold_batchnorm, optimize_for_inference
+from trainer.predict import Predictor, paste_mask
+
+
+def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial statistics, as training would, so folding is really tested."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large_fpn", "resnet18_fpn", "resnet50_fpn"])
+def test_folded_channels_last_backbone_equals_the_original(backbone: str) -> None:
+    torch.manual_seed(0)
+    cfg = SegmenterConfig(backbone=backbone, min_size=96, max_size=128)
+    model = _trained_like(build_model(cfg, 2))
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    fast = optimize_for_inference(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.backbone.modules()), "a BatchNorm was left"
+    assert n_bn > 10
+    x = torch.rand(1, 3, 96, 128)
+    with torch.inference_mode():
+        ref = model.backbone(x)
+        out = fast.backbone(x.contiguous(memory_format=torch.channels_last))
+    for key in ref:  # float rounding only: deep random ResNets amplify it, so relative to the output scale
+        scale = float(ref[key].abs().max())
+        assert float((out[key] - ref[key]).abs().max()) <= 1e-4 * scale + 1e-5, key
+
+
+def test_fold_batchnorm_leaves_a_model_without_conv_bn_pairs_alone() -> None:
+    seq = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    assert fold_batchnorm(seq) == 0
+
+
+def _slide(h: int = 192, w: int = 256) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    img = np.full((h, w, 3), (225, 205, 215), np.uint8)
+    for _ in range(8):
+        centre = (int(rng.integers(30, w - 30)), int(rng.integers(30, h - 30)))
+        cv2.circle(img, centre, int(rng.integers(12, 30)), (120, 60, 150), -1)
+    return img
+
+
+@pytest.fixture(scope="module")
+def bundle_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    cfg = SegmenterConfig(min_size=192, max_size=256, fpn_channels=32, mask_resolution=7, box_score_thresh=0.01,
+                          box_detections_per_img=30)
+    torch.manual_seed(0)
+    model = build_model(cfg, 10).eval()
+    with torch.no_grad():  # spread the untrained scores out so the threshold has something to cut
+        model.roi_heads.box_predictor.cls_score.weight.mul_(60)
+        for m in model.roi_heads.box_head.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(60)
+    directory = tmp_path_factory.mktemp("bundle")
+    write_bundle(directory, model, [f"class{i}" for i in range(10)], cfg, 0.5)
+    return directory, model
+
+
+def test_fast_path_returns_torchvisions_detections_and_masks(bundle_and_model: tuple[Path, torch.nn.Module]
+                                                             ) -> None:
+    directory, model = bundle_and_model
+    image = _slide()
+    predictor = Predictor(directory, device="cpu", cross_class_nms=None)
+    with torch.inference_mode():
+        ref = model([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
+    scores = ref["scores"].numpy()
+    assert len(scores) >= 4 and scores.min() < scores.max()
+    threshold = float(np.median(scores))
+    boxes, got_scores, labels, probs = predictor._run_model(image, threshold)
+    keep = scores >= threshold
+    np.testing.assert_allclose(got_scores, scores[keep], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(boxes, ref["boxes"].numpy()[keep], atol=0.05)
+    np.testing.assert_array_equal(labels, ref["labels"].numpy()[keep])
+    # the mask head ran on the kept cells only: pasted torchvision's way, its probabilities are the forward's
+    h, w = image.shape[:2]
+    theirs = ref["masks"][keep, 0]
+    pasted_tv = paste_masks_in_image(torch.from_numpy(probs)[:, None], torch.from_numpy(boxes), (h, w))[:, 0]
+    torch.testing.assert_close(pasted_tv, theirs, atol=1e-3, rtol=1e-3)
+    # our paste resamples into the float box (torchvision rounds the box to whole pixels first)
+    for box, prob, ref_mask in zip(boxes, probs, theirs.numpy(), strict=True):
+        pasted = paste_mask(prob, box, w, h)
+        ours = np.zeros((h, w), bool)
+        if pasted is not None:
+            crop, (x0, y0) = pasted
+            ours[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+        union = (ours | (ref_mask >= 0.5)).sum()
+        assert union == 0 or (ours & (ref_mask >= 0.5)).sum() / union > 0.9
+
+
+def test_threshold_only_changes_which_cells_come_back(bundle_and_model: tuple[Path, torch.nn.Module]) -> None:
+    directory, _ = bundle_and_model
+    predictor = Predictor(directory, device="cpu")
+    low = predictor.predict(_slide(), threshold=0.02)
+    high = predictor.predict(_slide(), threshold=float(np.median([c.score for c in low.cells])))
+    assert 0 < len(high.cells) < len(low.cells)
+    by_box = {tuple(round(v, 3) for v in c.box): c for c in low.cells}
+    for cell in high.cells:
+        twin = by_box[tuple(round(v, 3) for v in cell.box)]
+        assert twin.label == cell.label and np.array_equal(twin.mask_crop, cell.mask_crop)
+
+
+def _jpeg(image: np.ndarray, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def test_reduced_jpeg_decode_matches_a_full_decode_shrunk() -> None:
+    image = cv2.resize(_slide(), (1024, 768), interpolation=cv2.INTER_LINEAR)
+    data = _jpeg(image)
+    full, s1 = decode_rgb(data)
+    quarter, s4 = decode_rgb(data, min_long_side=256)
+    assert s1 == 1.0 and s4 == 0.25 and quarter.shape == (192, 256, 3) and quarter.flags.writeable
+    shrunk = cv2.resize(full, (256, 192), interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(quarter.astype(int) - shrunk).mean() < 3
+
+
+def test_truncated_jpeg_is_refused_not_half_decoded() -> None:
+    data = _jpeg(cv2.resize(_slide(), (1024, 768)))
+    with pytest.raises(ImageReadError, match="truncated"):
+        decode_rgb(data[: len(data) // 2], min_long_side=256)
+
+
+def test_jpeg_exif_orientation_is_applied_at_reduced_size() -> None:
+    image = cv2.resize(_slide(), (1024, 768))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    rotated, scale = decode_rgb(_jpeg(image, exif=exif.tobytes()), min_long_side=256)
+    assert rotated.shape == (256, 192, 3) and scale == 0.25
