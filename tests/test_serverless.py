@@ -361,6 +361,25 @@ def test_bad_input_is_a_400_with_a_message_and_the_worker_keeps_serving(ctx: Ctx
     assert len(_ok(ctx, _payload(jpeg, threshold=LOW))) >= 6
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+def test_memory_does_not_grow_over_200_mixed_requests(ctx: Ctx, jpeg: bytes) -> None:
+    """The issue's leak check, in one worker: every bad input of the list, interleaved with good ones."""
+    bad = list(_bad_inputs(jpeg).values())
+    good = _payload(jpeg, threshold=LOW)
+    codes = []
+    for i in range(200):
+        body = good if i % 2 == 0 else bad[(i // 2) % len(bad)][0]
+        codes.append(_call(ctx, body).status_code)
+        if i == 19:
+            after_20 = _rss_mb()
+    assert codes.count(200) == 100 and codes.count(400) == 100
+    assert _rss_mb() <= after_20 * 1.10
+
+
 def test_internal_failure_is_a_500_without_traceback(ctx: Ctx, model: ModelHandler, jpeg: bytes,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: Any, **kwargs: Any) -> None:

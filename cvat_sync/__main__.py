@@ -1,0 +1,234 @@
+"""``python -m cvat_sync``: pull finished CVAT annotation work into local training datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cvat_sync.client import CvatClient, CvatError, RetryPolicy
+from cvat_sync.config import JOB_FILTERS, ConfigError, Settings, load_settings
+from cvat_sync.pull import EXPORT_FORMATS, PullOptions, TaskReport, pull_tasks
+from cvat_sync.store import StoreError, read_provenance
+
+log = logging.getLogger("cvat_sync")
+
+DESCRIPTION = """\
+Pull annotated tasks from a CVAT server into datasets the trainer reads
+(python -m trainer train-segmenter --data OUT/task-12).
+
+The server and credentials come from the environment or a config file readable only by you
+(chmod 600), never from the command line:
+  CVAT_URL=https://cvat.example.org
+  CVAT_ACCESS_TOKEN=...            Personal Access Token (CVAT 2.3x+), or
+  CVAT_TOKEN=...                   a legacy API key, or
+  CVAT_USERNAME=... CVAT_PASSWORD=...
+  CVAT_ORG=my-lab                  organization slug (optional)
+Config file: --config FILE, $CVAT_SYNC_CONFIG or ~/.config/cvat_sync/config.yaml (same keys in
+lower case without CVAT_: url, access_token, token, username, password, org, ca_bundle, out, jobs).
+"""
+
+EPILOG = """\
+examples:
+  python -m cvat_sync list
+  python -m cvat_sync pull --task 12 --out data/cvat
+  python -m cvat_sync pull --project 3 --jobs accepted
+  python -m cvat_sync pull --task 12 --via export --format "CVAT for images 1.1"
+  python -m cvat_sync status --check
+
+exit codes: 0 done, 1 error, 2 bad settings or not a CVAT server, 3 credentials or permission,
+4 task/project not found, 5 server unreachable after retries, 6 nothing usable to pull or a local
+write problem (disk full, lock held), 130 interrupted (run the same command again to finish).
+"""
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="config file (default: $CVAT_SYNC_CONFIG or "
+                                               "~/.config/cvat_sync/config.yaml)")
+    p.add_argument("--org", help="organization slug (X-Organization); default: CVAT_ORG / config")
+    p.add_argument("--ca-bundle", help="CA certificates file for a server with a private CA")
+    p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (not recommended)")
+    p.add_argument("--retries", type=int, default=6, help="tries per call on connection errors, 429 and 5xx "
+                                                          "(exponential backoff with jitter; default 6)")
+    p.add_argument("--timeout", type=float, default=120.0, help="read timeout per call in seconds (default 120)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cvat_sync", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="pull tasks into local datasets (incremental, resumable)", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", type=int, action="append", metavar="ID", help="task id (repeatable)")
+    what.add_argument("--project", type=int, metavar="ID", help="every task of this project")
+    p.add_argument("--out", type=Path, help="where datasets go (default: 'out' in the config, else data/cvat)")
+    p.add_argument("--jobs", choices=JOB_FILTERS, help="whose frames: jobs in state completed (default), completed "
+                                                       "and in the acceptance stage, or all jobs")
+    p.add_argument("--via", choices=("api", "export"), default="api",
+                   help="api: annotations JSON + frames (default, incremental); export: a CVAT dataset export zip")
+    p.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, default="COCO 1.0",
+                   help="export format for --via export")
+    p.add_argument("--dry-run", action="store_true", help="show what would be pulled; write nothing")
+    p.add_argument("--workers", type=int, default=8, help="parallel frame downloads (default 8)")
+    p.add_argument("--labels", type=Path, help="the trainer's label-map YAML to check labels against "
+                                               "(default: the 10 RV-PBS classes)")
+    p.add_argument("--strict-labels", action="store_true", help="fail on labels the label map does not know")
+    p.add_argument("--skip-bad-frames", action="store_true", help="leave out frames that are not images "
+                                                                  "instead of failing")
+    p.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _connection_args(p)
+
+    ls = sub.add_parser("list", help="tasks on the server with their job states")
+    ls.add_argument("--project", type=int, help="only this project's tasks")
+    _connection_args(ls)
+
+    st = sub.add_parser("status", help="local datasets, and with --check whether the server has changes")
+    st.add_argument("--out", type=Path, help="dataset folder (default: 'out' in the config, else data/cvat)")
+    st.add_argument("--check", action="store_true", help="ask the server whether each task changed since its pull")
+    _connection_args(st)
+    return parser
+
+
+def _retry(args: argparse.Namespace) -> RetryPolicy:
+    return RetryPolicy(attempts=max(1, args.retries), read_timeout=args.timeout)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    if args.org:
+        settings.org = args.org
+    if args.ca_bundle:
+        settings.ca_bundle = args.ca_bundle
+    if args.insecure:
+        settings.insecure = True
+    return settings
+
+
+def _summary(reports: list[TaskReport]) -> str:
+    lines = []
+    for r in reports:
+        lines.append(f"task {r.task_id} ({r.name}): {r.status}, {r.frames} frames "
+                     f"({r.downloaded} downloaded, {r.reused} reused, {r.image_bytes / 1e6:.1f} MB) -> {r.out_dir}")
+        if r.jobs:
+            lines.append(f"  jobs: {r.jobs.get('admitted', 0)} of {r.jobs.get('total', 0)} admitted")
+        if r.shapes:
+            lines.append("  shapes: " + ", ".join(f"{k} {v}" for k, v in sorted(r.shapes.items())))
+        for reason, n in sorted(r.skipped_frames.items()):
+            lines.append(f"  frames left out: {n} {reason}")
+        for reason, n in sorted(r.skipped_shapes.items()):
+            lines.append(f"  shapes left out: {n} {reason}")
+        if r.unknown_labels:
+            lines.append("  labels unknown to the label map: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(r.unknown_labels.items())))
+    return "\n".join(lines)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from trainer.labels import LabelMap
+
+    settings = _settings(args)
+    options = PullOptions(out=args.out or settings.out, jobs=args.jobs or settings.jobs, via=args.via,
+                          export_format=args.export_format, dry_run=args.dry_run, workers=max(1, args.workers),
+                          label_map=LabelMap.from_yaml(args.labels) if args.labels else LabelMap(),
+                          strict_labels=args.strict_labels, skip_bad_frames=args.skip_bad_frames,
+                          progress=not args.no_progress and sys.stderr.isatty())
+    with CvatClient(settings, retry=_retry(args), pool_size=max(8, options.workers)) as client:
+        version = client.server_version()
+        log.info("CVAT %s at %s (%s%s)", version, settings.url, settings.auth_kind,
+                 f", organization {settings.org}" if settings.org else "")
+        if args.project is not None:
+            from cvat_sync.pull import Puller
+
+            task_ids = Puller(client, options).project_tasks(args.project)
+            log.info("project %d: tasks %s", args.project, task_ids)
+        else:
+            task_ids = list(dict.fromkeys(args.task))
+        reports = pull_tasks(client, task_ids, options)
+        requests_made = client.requests_made
+    text = _summary(reports)
+    sys.stdout.write(text + f"\n{requests_made} requests\n")
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps({"tasks": [r.to_dict() for r in reports],
+                                                 "requests": requests_made}, indent=1) + "\n")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with CvatClient(settings, retry=_retry(args)) as client:
+        version = client.server_version()
+        params = {"project_id": args.project} if args.project is not None else {}
+        rows = []
+        for task in client.paginate("/api/tasks", params, what="tasks"):
+            jobs = task.get("jobs") or {}
+            project = task.get("project_id") or "-"
+            rows.append(f"{task['id']:>6}  {str(task.get('name', ''))[:40]:<40}  project {project:<5}  "
+                        f"{task.get('size', 0) or 0:>5} frames  jobs {jobs.get('completed', 0)}/{jobs.get('count', 0)}"
+                        f" completed  updated {str(task.get('updated_date', ''))[:19]}")
+    sys.stdout.write(f"CVAT {version} at {settings.url}: {len(rows)} tasks\n" + "\n".join(rows) + "\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    out = args.out
+    settings = None
+    if out is None or args.check:
+        try:
+            settings = _settings(args)
+        except ConfigError:
+            if args.check:
+                raise
+        out = out or (settings.out if settings else Path("data/cvat"))
+    folders = sorted(p for p in Path(out).glob("task-*") if p.is_dir())
+    if not folders:
+        sys.stdout.write(f"no pulled tasks under {out}\n")
+        return 0
+    client = CvatClient(settings, retry=_retry(args)) if args.check and settings else None
+    try:
+        for folder in folders:
+            prov = read_provenance(folder)
+            if prov is None:
+                sys.stdout.write(f"{folder}: no provenance (not written by cvat_sync?)\n")
+                continue
+            task = prov["task"]
+            line = (f"{folder}: task {task['id']} ({task.get('name')}), {len(prov.get('frames', []))} frames, "
+                    f"{sum(prov.get('shapes', {}).values())} shapes, jobs {prov.get('jobs_filter')}, "
+                    f"pulled {prov.get('pulled_at')} from {prov.get('server')}")
+            if client is not None:
+                current = client.get_json(f"/api/tasks/{task['id']}", what=f"task {task['id']}")
+                changed = current.get("updated_date") != task.get("updated_date")
+                line += "; CHANGED on the server" if changed else "; up to date"
+            sys.stdout.write(line + "\n")
+    finally:
+        if client is not None:
+            client.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"pull": cmd_pull, "list": cmd_list, "status": cmd_status}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except (CvatError, StoreError) as exc:
+        log.error("%s", exc)
+        return int(getattr(exc, "exit_code", 1))
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing was half-written. Run the same command again to finish (frames already "
+                  "downloaded are reused)")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

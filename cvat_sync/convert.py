@@ -1,0 +1,99 @@
+"""CVAT API annotations (``GET /api/{tasks,jobs}/{id}/annotations``) -> the trainer's in-memory types.
+
+Pure functions, no HTTP. Shapes (CVAT 2.x, see the 2.23.1 captures):
+
+- ``polygon``: ``points`` = flat ``[x1, y1, x2, y2, ...]`` in frame pixels;
+- ``mask``: ``points`` = CVAT RLE over the tight box (row-major, starting with a background run) followed
+  by the *inclusive* box ``[left, top, right, bottom]``; the server returns these numbers as floats;
+- ``rectangle``: ``points`` = ``[xtl, ytl, xbr, ybr]``.
+
+Other shape types (points, polylines, ellipses, skeletons) and tracks carry no cell outline usable for
+training; they are counted and reported, not converted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from trainer.data.masks import cvat_rle_decode
+from trainer.data.types import Instance
+
+SUPPORTED = ("polygon", "mask", "rectangle")
+
+
+class ShapeError(ValueError):
+    """A shape's geometry cannot be read (the message names the shape)."""
+
+
+@dataclass
+class Converted:
+    """Instances per frame, plus what was left out and why (shown in the pull summary)."""
+
+    frames: dict[int, list[Instance]] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def shape_to_instance(shape: dict, label: str) -> Instance:
+    """One CVAT API shape as an :class:`Instance` (raises :class:`ShapeError`)."""
+    kind = shape.get("type")
+    points = [float(v) for v in shape.get("points") or []]
+    where = f"shape {shape.get('id')} ({kind}, frame {shape.get('frame')})"
+    attributes = {str(a.get("spec_id")): str(a.get("value")) for a in shape.get("attributes") or []}
+    common = {"label": label, "occluded": bool(shape.get("occluded", False)),
+              "source": str(shape.get("source") or "manual"), "attributes": attributes}
+    if kind == "polygon":
+        if len(points) < 6 or len(points) % 2:
+            raise ShapeError(f"{where}: a polygon needs >= 3 x,y pairs, got {len(points)} numbers")
+        return Instance(polygon=np.asarray(points).reshape(-1, 2), **common)
+    if kind == "mask":
+        if len(points) < 5:
+            raise ShapeError(f"{where}: a mask needs RLE + [left, top, right, bottom], got {len(points)} numbers")
+        left, top, right, bottom = (round(v) for v in points[-4:])
+        width, height = right - left + 1, bottom - top + 1
+        if width <= 0 or height <= 0:
+            raise ShapeError(f"{where}: mask box [{left}, {top}, {right}, {bottom}] is empty")
+        try:
+            crop = cvat_rle_decode(points[:-4], width, height)
+        except ValueError as exc:
+            raise ShapeError(f"{where}: {exc}") from None
+        return Instance(mask_crop=crop, mask_origin=(left, top), **common)
+    if kind == "rectangle":
+        if len(points) != 4:
+            raise ShapeError(f"{where}: a rectangle needs 4 numbers, got {len(points)}")
+        x0, y0, x1, y1 = points
+        return Instance(box=(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), **common)
+    raise ShapeError(f"{where}: unsupported shape type {kind!r}")
+
+
+def convert_annotations(annotations: dict, label_names: dict[int, str], frames: set[int] | None = None
+                        ) -> Converted:
+    """Shapes of an annotations response grouped by frame, for ``frames`` only (all when None).
+
+    ``label_names`` maps CVAT label ids to names. Shapes of unknown labels, unsupported types, broken
+    geometry, and all tracks are counted in ``skipped`` under a reason.
+    """
+    out = Converted()
+    for shape in annotations.get("shapes") or []:
+        frame = int(shape.get("frame", -1))
+        if frames is not None and frame not in frames:
+            continue
+        name = label_names.get(int(shape.get("label_id", -1)))
+        if name is None:
+            out.skipped[f"label id {shape.get('label_id')} not in the task's labels"] += 1
+            continue
+        if shape.get("type") not in SUPPORTED:
+            out.skipped[f"{shape.get('type')} shapes (no cell outline)"] += 1
+            continue
+        try:
+            instance = shape_to_instance(shape, name)
+        except ShapeError:
+            out.skipped["shapes with broken geometry"] += 1
+            continue
+        out.frames.setdefault(frame, []).append(instance)
+    tracks = annotations.get("tracks") or []
+    if tracks:
+        out.skipped["tracks (video annotation)"] += len(tracks)
+    return out

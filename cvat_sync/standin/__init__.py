@@ -1,0 +1,82 @@
+"""A faithful CVAT 2.23.1 stand-in server for tests and benchmarks (real HTTP on 127.0.0.1).
+
+Checked against the real captures in ``shared/reference/cvat-2.23.1-captures`` (field names and order, value
+formats, status codes, the four error body shapes, pagination links, trailing-slash rules, gzip, the export
+flows). Usage::
+
+    from cvat_sync.standin import StandinCVAT, task_from_cvat_xml
+
+    with StandinCVAT() as cvat:                      # port 0: any free port; admin/admin is user 1
+        tid = cvat.add_task("t", frames=[("a.jpg", jpeg)], labels=[{"name": "wbc", "type": "polygon"}])
+        cvat.set_annotations(tid, [{"type": "polygon", "frame": 0, "label_id": 1, "points": [...]}])
+        requests.get(f"{cvat.url}/api/tasks/{tid}", headers={"Authorization": f"Token {cvat.admin_token}"})
+
+Constructor: ``StandinCVAT(host="127.0.0.1", port=0, *, version="2.23.1", seed=0, export_polls=1,
+admin=("admin", "admin"), admin_id=1)``. ``start()``/``stop()`` or a ``with`` block; ``url``;
+``admin_token``. ``version >= "2.32.0"`` switches to the newer API: ``Authorization: Bearer <PAT>`` is
+accepted, the legacy GET export flow is gone (404), export ids look like ``action=export&target=task&...`` and
+``result_url`` is ``/api/tasks/{id}/dataset/download?rq_id=...``. ``export_polls`` = how many
+``GET /api/requests/{id}`` polls still answer ``started`` (earlier ones ``queued``) before one finishes.
+
+State builder (thread-safe; every change to a task's data or shapes bumps its ``updated_date``):
+
+- ``add_user(username, password, admin=False, *, email=None, first_name="", last_name="", id=None) -> token``;
+  ``add_access_token(username) -> PAT``; ``token_of(username)``.
+- ``add_org(slug, name=None, owner=None, members=(), id=None) -> org id``.
+- ``add_project(name, labels=None, org=None, id=None, owner=None) -> project id``.
+- ``add_task(name, frames=[(name, image bytes)], labels=[{"name", "type", "color"?, "id"?, "attributes"?}],
+  project_id=None, segment_size=None, org=None, id=None, owner=None, job_ids=None, image_quality=70,
+  data_id=None, assignee=None) -> task id`` (one job per ``segment_size`` frames; a task in a project uses the
+  project's labels).
+- ``set_annotations(task_id, shapes)`` (replace; CVAT API shapes: ``type`` polygon/mask/rectangle/...,
+  ``frame``, ``label_id``, ``points`` (mask: CVAT RLE + ``[left, top, right, bottom]``), optional ``id``,
+  ``occluded``, ``z_order``, ``rotation``, ``group``, ``source``, ``attributes``); ``add_shapes``,
+  ``update_shapes``, ``delete_shapes``.
+- ``set_job_state(job_id, state=None, stage=None, assignee=None)`` (legacy ``status`` derived; a stage without
+  a state resets the state to ``new``; as in real CVAT this moves the job's ``updated_date``, and the task's
+  only when the task's derived ``status`` changes, e.g. all jobs acceptance+completed -> ``completed``).
+- ``delete_frames(task_id, [frame, ...])``, ``set_task_name``, ``set_task_assignee``, ``remove_task``.
+- ``task_from_cvat_xml(server, xml_path, frame_size=(1008, 756) or None, *, name=None, max_frames=None,
+  segment_size=None, label_types=None, seed=0, **add_task_kwargs) -> task id``.
+
+Permissions: admins see everything; other users see tasks/projects they own or are assigned to (task or job),
+plus everything of organizations they belong to. ``X-Organization: <slug>`` (or ``?org=<slug>`` /
+``?org_id=``) scopes lists and lookups to that organization (another org's task: 404; unknown slug: 404
+``{"detail": "<slug> organization does not exist."}``, resolved lazily as in CVAT, so public routes such as
+``/api/server/about`` ignore it; not a member: 403). Without it, admins see all and other users their org-less
+workspace, but a lookup by id still finds an organization's task for its members. (Organizations were not
+captured; this is a simplified model of CVAT's rules.)
+
+Faults (seeded by ``seed``, switchable at run time): ``add_fault(kind, route="any", *, rate=1.0, times=None,
+method=None, path_contains=None, status=503, retry_after=1, delay=0.5, fraction=0.5, message=...) -> Fault``,
+``remove_fault(fault)``, ``clear_faults()``, ``faults.active()`` (the list; each ``Fault`` counts ``seen`` and
+``fired``). Kinds ``status``, ``throttle``, ``delay``, ``reset``, ``drop``,
+``truncate``, ``export_fail``; route kinds ``server``, ``auth``, ``user``, ``list``, ``detail``, ``meta``,
+``frame``, ``annotations``, ``export``, ``request``, ``download``, ``update``, ``unknown`` or ``any``
+(details in :mod:`cvat_sync.standin.faults`).
+
+Request log: ``cvat.log`` (list of :class:`LogEntry`: ``method, path, query, status, kind, bytes, fault, user,
+seconds, gzip``; ``status`` 0 for a reset), ``log_where(kind=, status=, method=)``, ``bytes_sent(kind=None)``,
+``reset_log()``.
+
+HTTP routes besides the reads and exports: ``POST /api/auth/register``, ``PUT``/``PATCH``
+(``action=create|update|delete``)/``DELETE`` of task and job annotations, ``PATCH /api/jobs/{id}`` (state,
+stage), job ``data``/``data/meta``, ``GET /api/requests`` and ``/api/labels/{id}``.
+
+Not like real CVAT (known): no task creation/upload or project creation over HTTP (builder API only), no
+tracks/tags, no chunks (``type=chunk``), no cookies/sessions, no job or project exports, only "COCO 1.0" and
+"CVAT for images 1.1" zips (other valid formats end ``failed``), no ``queued`` state unless ``export_polls``
+>= 2 (a request finishes only when polled), no BREACH random padding in gzip (a few-hundred-byte body is
+gzipped whenever that makes it shorter; Django's padding makes that a coin flip), the 404 debug page is short,
+``ext`` of formats other than the two captured is approximate, zip entries are in frame order, deleted frames
+are left out of exports, and the >= 2.32 behaviour (PATs, new rq ids, download endpoint) is from changelogs,
+not captures (real PATs arrived later than 2.32).
+"""
+
+from cvat_sync.standin.faults import FAULT_KINDS, ROUTE_KINDS, Fault
+from cvat_sync.standin.server import LogEntry, StandinCVAT
+from cvat_sync.standin.state import StateError
+from cvat_sync.standin.xmltask import synthetic_slide_jpeg, task_from_cvat_xml
+
+__all__ = ["FAULT_KINDS", "ROUTE_KINDS", "Fault", "LogEntry", "StandinCVAT", "StateError", "synthetic_slide_jpeg",
+           "task_from_cvat_xml"]

@@ -1,0 +1,119 @@
+"""Fault injection for the stand-in: seeded, switchable at run time, targeted by route kind.
+
+A :class:`Fault` matches a request by route kind (``"any"`` or one or more of :data:`ROUTE_KINDS`), optionally
+by method and a path substring. A matching request *fires* the fault with probability ``rate`` (drawn from the
+fault's own ``random.Random`` seeded from the server seed and the fault's number, so a given request order
+always gives the same faults) until ``times`` firings are used up (None: no limit).
+
+Kinds:
+
+- ``"status"``: answer ``status`` (default 503) instead of handling the request. 500 has Django's plain
+  "Server Error (500)" page; 502/503/504 an nginx-like HTML page (as a proxy in front of CVAT sends).
+- ``"throttle"``: 429 with ``Retry-After: <retry_after>`` and DRF's throttling ``{"detail"}``.
+- ``"delay"``: sleep ``delay`` seconds, then answer normally (delays combine with one other fault).
+- ``"reset"``: close the connection without sending any response.
+- ``"drop"``: send the status line, the headers and ``fraction`` of the body, then close (a chunked download
+  stays chunked and ends without its final chunk).
+- ``"truncate"``: send ``Content-Length`` of the whole body (also for downloads that are normally chunked),
+  only ``fraction`` of it, then close.
+- ``"export_fail"``: an export request created by a matching request (route kind ``export``) ends ``failed``
+  with ``message`` when polled to completion.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+
+FAULT_KINDS = ("status", "throttle", "delay", "reset", "drop", "truncate", "export_fail")
+ROUTE_KINDS = ("server", "auth", "user", "list", "detail", "meta", "frame", "annotations", "export", "request",
+               "download", "update", "unknown")
+
+
+@dataclass
+class Fault:
+    kind: str
+    route: str | tuple[str, ...] = "any"
+    rate: float = 1.0
+    times: int | None = None
+    method: str | None = None
+    path_contains: str | None = None
+    status: int = 503
+    retry_after: int = 1
+    delay: float = 0.5
+    fraction: float = 0.5
+    message: str = "OSError: [Errno 28] No space left on device (stand-in fault)"
+    fired: int = 0
+    seen: int = 0
+    rng: random.Random = field(default_factory=random.Random, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {FAULT_KINDS}, got {self.kind!r}")
+        routes = (self.route,) if isinstance(self.route, str) else tuple(self.route)
+        bad = [r for r in routes if r != "any" and r not in ROUTE_KINDS]
+        if bad:
+            raise ValueError(f"route kinds must be 'any' or among {ROUTE_KINDS}, got {bad}")
+        self.route = routes
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {self.rate}")
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), got {self.fraction}")
+
+    def matches(self, route: str, method: str, path: str) -> bool:
+        if "any" not in self.route and route not in self.route:
+            return False
+        if self.method is not None and self.method.upper() != method.upper():
+            return False
+        return self.path_contains is None or self.path_contains in path
+
+    @property
+    def exhausted(self) -> bool:
+        return self.times is not None and self.fired >= self.times
+
+
+class FaultSet:
+    """The server's active faults (thread-safe)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._faults: list[Fault] = []
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def add(self, fault: Fault) -> Fault:
+        with self._lock:
+            self._count += 1
+            fault.rng = random.Random(self.seed * 1_000_003 + self._count)
+            self._faults.append(fault)
+            return fault
+
+    def remove(self, fault: Fault) -> None:
+        with self._lock:
+            if fault in self._faults:
+                self._faults.remove(fault)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def active(self) -> list[Fault]:
+        """The faults switched on, in the order they were added (exhausted ones included)."""
+        with self._lock:
+            return list(self._faults)
+
+    def pick(self, route: str, method: str, path: str, kinds: tuple[str, ...]) -> list[Fault]:
+        """The faults (of ``kinds``) that fire for this request: all firing delays, then at most one other."""
+        fired: list[Fault] = []
+        with self._lock:
+            for fault in self._faults:
+                if fault.kind not in kinds or fault.exhausted or not fault.matches(route, method, path):
+                    continue
+                if fault.kind != "delay" and any(f.kind != "delay" for f in fired):
+                    continue
+                fault.seen += 1
+                if fault.rate >= 1.0 or fault.rng.random() < fault.rate:
+                    fault.fired += 1
+                    fired.append(fault)
+        return fired

@@ -1,0 +1,161 @@
+"""cvat_sync's pure parts against the real CVAT 2.23.1 captures: settings, error bodies, shape conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from cvat_sync.client import error_detail
+from cvat_sync.config import ConfigError, Secret, check_url, load_settings
+from cvat_sync.convert import convert_annotations, shape_to_instance
+from cvat_sync.store import StoreError, safe_relpath
+from trainer.data.loader import load_dataset
+
+CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cvat-2.23.1-captures"
+needs_captures = pytest.mark.skipif(not CAPTURES.is_dir(), reason="../shared/reference is not beside the repo")
+
+
+def capture(name: str) -> dict:
+    return json.loads((CAPTURES / f"{name}.json").read_text())
+
+
+def fake_response(status: int, body: object, content_type: str) -> requests.Response:
+    resp = requests.Response()
+    resp.status_code = status
+    resp.headers["Content-Type"] = content_type
+    resp._content = (json.dumps(body) if "json" in content_type else str(body)).encode()
+    return resp
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+def test_url_must_be_http_without_credentials() -> None:
+    assert check_url("https://cvat.example.org/") == "https://cvat.example.org"
+    assert check_url("http://127.0.0.1:8080/api") == "http://127.0.0.1:8080"
+    for bad in ("cvat.example.org", "ftp://cvat.example.org", "https://", ""):
+        with pytest.raises(ConfigError, match="not an http"):
+            check_url(bad)
+    with pytest.raises(ConfigError, match="must not contain credentials") as info:
+        check_url("https://admin:hunter2@cvat.example.org")
+    assert "hunter2" not in str(info.value)
+
+
+def test_secrets_never_show_themselves() -> None:
+    secret = Secret("hunter2-token")
+    assert "hunter2" not in repr(secret) and "hunter2" not in str(secret) and "hunter2" not in f"{secret}"
+    assert secret.reveal() == "hunter2-token"
+
+
+def test_settings_from_env_and_a_private_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("url: https://file.example\ntoken: file-token\nout: somewhere\njobs: accepted\n")
+    os.chmod(cfg, 0o600)
+    s = load_settings(cfg, env={"CVAT_URL": "https://env.example", "CVAT_PASSWORD": "pw", "CVAT_USERNAME": "ann"})
+    assert s.url == "https://env.example"             # the environment wins
+    assert s.token is not None and s.token.reveal() == "file-token"
+    assert s.out == Path("somewhere") and s.jobs == "accepted"
+    assert "pw" not in repr(s) and "file-token" not in repr(s)
+    os.chmod(cfg, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_settings(cfg, env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(None, env={"CVAT_SYNC_CONFIG": str(tmp_path / "no.yaml")})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("url: [unclosed\npassword: hunter2\n")
+    os.chmod(bad, 0o600)
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_settings(bad, env={})
+    assert "hunter2" not in str(info.value)
+
+
+def test_missing_url_says_what_to_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="set CVAT_URL"):
+        load_settings(None, env={})
+
+
+# --- error bodies -----------------------------------------------------------------------------------
+
+@needs_captures
+@pytest.mark.parametrize(("name", "expected"), [
+    ("53-error-404-task-not-found", "No Task matches the given query."),
+    ("54-error-401-wrong-token", "Invalid token."),
+    ("59-error-400-export-bogus-format", "Unknown format specified for the request"),
+    ("33-export-coco-post-again-while-running", "Export request is being processed"),
+    ("60-error-406-accept-application-json", "Could not satisfy the request Accept header."),
+])
+def test_error_detail_reads_every_cvat_error_shape(name: str, expected: str) -> None:
+    c = capture(name)["response"]
+    resp = fake_response(c["status"], c["body"], c["headers"]["content-type"])
+    assert error_detail(resp) == expected
+
+
+@needs_captures
+def test_error_detail_of_plain_text_and_html_pages() -> None:
+    c = capture("37-export-coco-download-again")["response"]
+    text = c.get("body_text") or c["body_binary"].get("text_excerpt", "")
+    resp = fake_response(c["status"], text, c["headers"]["content-type"])
+    assert "Unknown export request id" in error_detail(resp)
+    html = fake_response(404, "<html><head><title>Page not found at /api/tasks/</title></head><body>x</body></html>",
+                         "text/html")
+    assert error_detail(html) == "Page not found at /api/tasks/"
+
+
+# --- shapes ------------------------------------------------------------------------------------------
+
+@needs_captures
+def test_captured_annotations_convert_like_cvats_own_export() -> None:
+    """Shapes from GET /api/tasks/18/annotations equal what CVAT's COCO export of that task holds."""
+    labels = {int(lab["id"]): lab["name"] for lab in capture("21-labels-list-task")["response"]["body"]["results"]}
+    annotations = capture("27-tasks-annotations-get")["response"]["body"]
+    meta = capture("20-tasks-data-meta")["response"]["body"]
+    converted = convert_annotations(annotations, labels)
+    assert sum(len(v) for v in converted.frames.values()) == 6 and not converted.skipped
+    export = load_dataset(CAPTURES / "task-export-coco-1.0-with-images.zip", label_map=None)
+    by_name = {rec.name: rec for rec in export.images}
+    for number, instances in converted.frames.items():
+        frame = meta["frames"][number]
+        theirs = by_name[frame["name"]].instances
+        assert sorted(i.label for i in instances) == sorted(i.label for i in theirs)
+        for ours in instances:
+            twin = next(t for t in theirs if t.label == ours.label and t.kind == ours.kind
+                        and np.allclose(t.box, ours.box, atol=1.01))
+            if ours.kind != "rectangle":
+                a = ours.to_mask(frame["height"], frame["width"])
+                b = twin.to_mask(frame["height"], frame["width"])
+                assert (a & b).sum() / (a | b).sum() > 0.97
+
+
+def test_frames_filter_and_skipped_reasons() -> None:
+    annotations = {"shapes": [
+        {"id": 1, "type": "polygon", "frame": 0, "label_id": 5, "points": [0, 0, 10, 0, 10, 10]},
+        {"id": 2, "type": "points", "frame": 0, "label_id": 5, "points": [1, 1]},
+        {"id": 3, "type": "polygon", "frame": 1, "label_id": 5, "points": [0, 0, 10, 0, 10, 10]},
+        {"id": 4, "type": "polygon", "frame": 0, "label_id": 99, "points": [0, 0, 10, 0, 10, 10]},
+        {"id": 5, "type": "mask", "frame": 0, "label_id": 5, "points": [3, 4, 0, 0, 2]},  # box too small for runs
+    ], "tracks": [{"id": 9}]}
+    converted = convert_annotations(annotations, {5: "basophil"}, frames={0})
+    assert list(converted.frames) == [0] and len(converted.frames[0]) == 1
+    assert converted.skipped == {"points shapes (no cell outline)": 1, "label id 99 not in the task's labels": 1,
+                                 "shapes with broken geometry": 1, "tracks (video annotation)": 1}
+
+
+def test_mask_shape_uses_the_inclusive_box() -> None:
+    # a 3x2 box (left 10, top 20, right 12, bottom 21) with runs: 1 background, 4 foreground, 1 background
+    inst = shape_to_instance({"type": "mask", "frame": 0, "points": [1.0, 4.0, 1.0, 10.0, 20.0, 12.0, 21.0]},
+                             "neutrophil")
+    assert inst.mask_origin == (10, 20)
+    assert inst.mask_crop.tolist() == [[False, True, True], [True, True, False]]
+
+
+def test_frame_names_cannot_escape_the_images_folder() -> None:
+    assert safe_relpath("sub/IMG_1.jpg") == Path("sub/IMG_1.jpg")
+    assert safe_relpath("/abs/IMG_1.jpg") == Path("abs/IMG_1.jpg")
+    for bad in ("../x.jpg", "a/../../x.jpg", ""):
+        with pytest.raises(StoreError):
+            safe_relpath(bad)
