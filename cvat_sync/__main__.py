@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cvat_sync.client import CvatClient, CvatError, RetryPolicy
 from cvat_sync.config import JOB_FILTERS, ConfigError, Settings, load_settings
-from cvat_sync.pull import EXPORT_FORMATS, PullOptions, TaskReport, pull_tasks
+from cvat_sync.pull import EXPORT_FORMATS, PullOptions, TaskReport, job_signature, pull_tasks
 from cvat_sync.store import StoreError, read_provenance
 
 log = logging.getLogger("cvat_sync")
@@ -202,8 +202,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                     f"pulled {prov.get('pulled_at')} from {prov.get('server')}")
             if client is not None:
                 current = client.get_json(f"/api/tasks/{task['id']}", what=f"task {task['id']}")
-                changed = current.get("updated_date") != task.get("updated_date")
-                line += "; CHANGED on the server" if changed else "; up to date"
+                jobs = list(client.paginate("/api/jobs", {"task_id": task["id"]}, what=f"jobs of task {task['id']}"))
+                recorded = prov.get("signature") or {}
+                changed = (current.get("updated_date") != recorded.get("updated_date")
+                           or job_signature(jobs) != recorded.get("jobs"))
+                line += "; CHANGED on the server (pull again)" if changed else "; up to date"
             sys.stdout.write(line + "\n")
     finally:
         if client is not None:

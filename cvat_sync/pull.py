@@ -105,7 +105,7 @@ def admitted(job: dict, jobs_filter: str) -> bool:
     return job.get("state") == "completed"
 
 
-def _job_signature(jobs: list[dict]) -> list[dict]:
+def job_signature(jobs: list[dict]) -> list[dict]:
     keys = ("id", "state", "stage", "start_frame", "stop_frame", "updated_date", "type")
     return sorted(({k: j.get(k) for k in keys} for j in jobs), key=lambda j: j["id"])
 
@@ -167,7 +167,7 @@ class Puller:
                             f"(jobs: {_describe_states(jobs) or 'none'}){hint}")
         final = task_dir(out, task_id)
         previous = read_provenance(final)
-        signature = {"updated_date": task.get("updated_date"), "jobs": _job_signature(jobs), "filter": opts.jobs,
+        signature = {"updated_date": task.get("updated_date"), "jobs": job_signature(jobs), "filter": opts.jobs,
                      "via": opts.via, "export_format": opts.export_format if opts.via == "export" else None}
         if previous and previous.get("signature") == signature and self._intact(final, previous):
             report.status = "unchanged"
@@ -249,7 +249,7 @@ class Puller:
             "task": {k: task.get(k) for k in ("id", "name", "updated_date", "size", "project_id", "mode",
                                                "organization", "segment_size")},
             "chunks_updated_date": meta.get("chunks_updated_date"),
-            "jobs": [{**j, "admitted": admitted(j, opts.jobs)} for j in _job_signature(jobs)],
+            "jobs": [{**j, "admitted": admitted(j, opts.jobs)} for j in job_signature(jobs)],
             "jobs_filter": opts.jobs,
             "via": opts.via,
             "export_format": opts.export_format if opts.via == "export" else None,

@@ -407,3 +407,29 @@ def test_help_explains() -> None:
                          text=True, check=True).stdout
     for word in ("--task", "--project", "--jobs", "--via", "--dry-run", "exit codes", "CVAT_ACCESS_TOKEN"):
         assert word in out
+
+
+def test_list_and_status(cvat: StandinCVAT, task: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    for key, value in env_for(cvat).items():
+        monkeypatch.setenv(key, value)
+    assert cli(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "CVAT 2.23.1" in listed and "slides" in listed and "jobs 1/2 completed" in listed
+    assert cli(["status", "--out", str(tmp_path)]) == 0
+    assert "no pulled tasks" in capsys.readouterr().out
+    assert cli(["pull", "--task", str(task), "--out", str(tmp_path)]) == 0
+    summary = capsys.readouterr().out
+    assert "3 frames (3 downloaded" in summary and "frames left out: 3 in jobs that are not completed" in summary
+    assert cli(["status", "--out", str(tmp_path), "--check"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    ids = {lab.name: lab.id for lab in cvat.task_labels(cvat.task(task))}
+    cvat.add_shapes(task, [{"type": "polygon", "frame": 0, "label_id": ids["monocyte"],
+                            "points": [1.0, 1.0, 30.0, 1.0, 30.0, 30.0]}])
+    assert cli(["status", "--out", str(tmp_path), "--check"]) == 0
+    assert "CHANGED on the server" in capsys.readouterr().out
+    assert cli(["pull", "--task", str(task), "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    cvat.set_job_state(jobs_of(cvat, task)[1], state="completed")  # a job change leaves the task's date alone
+    assert cli(["status", "--out", str(tmp_path), "--check"]) == 0
+    assert "CHANGED on the server" in capsys.readouterr().out
