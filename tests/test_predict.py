@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from trainer.bundle import write_bundle
-from trainer.data.images import ImageReadError, decode_rgb
+from trainer.data.images import ImageReadError, decode_jpeg_torch, decode_rgb
 from trainer.model import SegmenterConfig, build_model, fold_batchnorm, optimize_for_inference
 from trainer.predict import Predictor, paste_mask
 
@@ -156,3 +156,40 @@ def test_jpeg_exif_orientation_is_applied_at_reduced_size() -> None:
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     rotated, scale = decode_rgb(_jpeg(image, exif=exif.tobytes()), min_long_side=256)
     assert rotated.shape == (256, 192, 3) and scale == 0.25
+
+
+# --- the GPU decode path (nvJPEG), run here with torchvision's CPU decoder: same contract -------------
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_torch_decode_applies_exif_orientation_like_pil(orientation: int) -> None:
+    image = cv2.resize(_slide(), (320, 200))
+    image[:40, :60] = (255, 0, 0)  # a marked corner, so every flip/turn shows
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg(image, exif=exif.tobytes())
+    reference, s_ref = decode_rgb(data)
+    decoded, scale = decode_jpeg_torch(data, None, "cpu")
+    assert decoded.shape == reference.shape and scale == s_ref == 1.0
+    assert np.abs(decoded.astype(int) - reference.astype(int)).mean() < 2
+
+
+def test_torch_decode_gives_the_reduced_size_of_the_cpu_path() -> None:
+    data = _jpeg(cv2.resize(_slide(), (1030, 770)))  # not a multiple of 4: libjpeg picks 1/2 here
+    reference, s_ref = decode_rgb(data, min_long_side=256)
+    decoded, scale = decode_jpeg_torch(data, 256, "cpu")
+    assert decoded.shape == reference.shape and scale == s_ref
+    assert np.abs(decoded.astype(int) - reference.astype(int)).mean() < 3
+
+
+def test_torch_decode_leaves_what_it_cannot_take_to_the_cpu_path() -> None:
+    data = _jpeg(cv2.resize(_slide(), (400, 300)))
+    with pytest.raises(ImageReadError):
+        decode_jpeg_torch(data[: len(data) // 2], None, "cpu")  # cut off: no EOI at the end
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, "PNG")
+    with pytest.raises(ImageReadError):
+        decode_jpeg_torch(png.getvalue(), None, "cpu")
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (40, 30)).save(cmyk, "JPEG")
+    with pytest.raises(ImageReadError):
+        decode_jpeg_torch(cmyk.getvalue(), None, "cpu")

