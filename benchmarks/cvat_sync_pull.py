@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "fault_run_seconds": round(faulty_s, 2),
         "fault_run_frames_per_s": round(args.frames / faulty_s, 2),
         "fault_run_requests": len(fault_log),
-        "fault_run_failed_responses": sum(1 for e in fault_log if e.fault),
+        "fault_run_failed_responses": sum(1 for e in fault_log if e.fault not in (None, "delay")),
         "faults_fired": fired,
         "targets": {"repull_requests": 5, "repull_image_bytes": 0, "fault_run_complete": True},
         "met": {"repull_requests": len(repull_log) <= 5, "repull_image_bytes": repull_image_bytes == 0,
