@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import random
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,21 +40,64 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch that can start part-way (for exact resume)."""
+    """A seeded permutation per epoch that can start part-way (for exact resume).
 
-    def __init__(self, n: int, seed: int) -> None:
+    Under DistributedDataParallel every rank draws the same permutation (padded by wrapping around to a
+    multiple of ``world`` so every rank takes the same number of steps) and takes every ``world``-th item
+    from position ``rank``; ``start`` counts items of this rank's share.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        self.rank, self.world = rank, world
 
     def set_position(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
 
-    def __iter__(self):
+    def _share(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        return iter(order[self.start:])
+        padded = order + order[: (-len(order)) % self.world]
+        return padded[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self._share()[self.start:])
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return math.ceil(self.n / self.world) - self.start
+
+
+@dataclass
+class Distributed:
+    """Where this process sits in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_kind: str) -> Distributed:
+    """Join the process group ``torchrun`` set up (env ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): NCCL on GPUs,
+    gloo on CPU. The same command trains on one CPU, several GPUs or several nodes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    ctx = Distributed(rank=dist.get_rank(), world=dist.get_world_size(),
+                      local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    log.info("distributed training: rank %d of %d (%s)", ctx.rank, ctx.world, dist.get_backend())
+    return ctx
 
 
 def _malloc_trimmer() -> Callable[[], None]:
@@ -149,16 +194,25 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
     if not train_data.images or n_outlined == 0:
         raise DatasetError(f"{train_data.source or 'training data'} has no frames with outlined cells "
                            f"({len(train_data.images)} frames): nothing to train on")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device)
+    ddp = init_distributed(device.type)
+    if ddp.active and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    progress = progress and ddp.main
     dataset = SegmentationDataset(train_data, cfg.labels, cfg.model.max_size, cfg.model.min_size,
                                   augment=cfg.augment, seed=opt.seed)
-    sampler = EpochSampler(len(dataset), opt.seed)
-    steps_per_epoch = math.ceil(len(dataset) / opt.batch_size)
+    sampler = EpochSampler(len(dataset), opt.seed, ddp.rank, ddp.world)
+    steps_per_epoch = math.ceil(math.ceil(len(dataset) / ddp.world) / opt.batch_size)
     total_steps = steps_per_epoch * opt.epochs
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device)
     model = build_model(cfg.model, len(cfg.labels.classes)).to(device)
     jitter = sorted({int(round(cfg.model.min_size * s / 16) * 16) for s in opt.scale_jitter} - {cfg.model.min_size})
     model.transform.min_size = (*jitter, cfg.model.min_size)
+    net: torch.nn.Module = model  # what forward/backward go through (DDP when distributed)
+    if ddp.active:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     optimizer = make_optimizer(model, cfg)
     step, epoch, train_seconds = 0, 0, 0.0
     ckpt_path = out_dir / CHECKPOINT
@@ -181,16 +235,19 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
     elif ckpt_path.exists():
         raise FileExistsError(f"{out_dir} already holds a training run; pass --resume to continue it or use a "
                               "new --out directory")
-    atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    if ddp.main:
+        atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
     loss_csv = out_dir / "losses.csv"
     loss_fields = ["step", "epoch", "seconds", "lr", "loss", "loss_classifier", "loss_box_reg", "loss_mask",
                    "loss_objectness", "loss_rpn_box_reg"]
-    if not loss_csv.exists() or not resume:
+    if ddp.main and (not loss_csv.exists() or not resume):
         with loss_csv.open("w", newline="") as fh:
             csv.writer(fh).writerow(loss_fields)
 
     def save_checkpoint() -> None:
+        if not ddp.main:
+            return
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                            "epoch": epoch, "train_seconds": train_seconds, "config": cfg.to_dict(),
                            "torch_rng": torch.get_rng_state()}, ckpt_path)
@@ -209,7 +266,7 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
         dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, collate_fn=collate,
                             num_workers=opt.num_workers, persistent_workers=False)
-        model.train()
+        net.train()
         t_last = time.perf_counter()
         for images, targets in loader:
             for g in optimizer.param_groups:
@@ -218,7 +275,7 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
             if device.type != "cpu":
                 images = [im.to(device, non_blocking=True) for im in images]
                 targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            losses = model(images, targets)
+            losses = net(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr "
@@ -232,36 +289,71 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
             now = time.perf_counter()
             train_seconds += now - t_last
             t_last = now
-            with loss_csv.open("a", newline="") as fh:
-                csv.writer(fh).writerow([step, epoch, f"{train_seconds:.2f}", f"{optimizer.param_groups[0]['lr']:.3g}",
-                                         f"{loss.item():.5f}"] + [f"{losses[k].item():.5f}" for k in loss_fields[5:]])
+            if ddp.main:
+                with loss_csv.open("a", newline="") as fh:
+                    csv.writer(fh).writerow([step, epoch, f"{train_seconds:.2f}",
+                                             f"{optimizer.param_groups[0]['lr']:.3g}", f"{loss.item():.5f}"]
+                                            + [f"{losses[k].item():.5f}" for k in loss_fields[5:]])
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
             if step % 5 == 0:
                 trim()
             if opt.checkpoint_every and step % opt.checkpoint_every == 0:
                 save_checkpoint()
-            if opt.max_minutes and train_seconds >= opt.max_minutes * 60:
+            if opt.max_minutes and _any_rank(train_seconds >= opt.max_minutes * 60, ddp):
                 log.info("time limit of %.1f min reached at step %d", opt.max_minutes, step)
                 stop = True
                 break
         if not stop:
             epoch += 1
         save_checkpoint()
-        plot_losses(loss_csv, out_dir / "loss_curve.png")
-        if on_epoch_end is not None:
+        if ddp.main:
+            plot_losses(loss_csv, out_dir / "loss_curve.png")
+        if on_epoch_end is not None and ddp.main:
             model.eval()
             _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds)
             on_epoch_end(epoch, train_seconds, bundle_dir)
+        _barrier(ddp)
     bar.close()
     model.eval()
-    _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds)
-    log.info("wrote bundle %s after %d steps (%.1f min of training)", bundle_dir, step, train_seconds / 60)
+    _sync_buffers(model, ddp)
+    if ddp.main:
+        _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds, world=ddp.world)
+        log.info("wrote bundle %s after %d steps (%.1f min of training)", bundle_dir, step, train_seconds / 60)
+    _barrier(ddp)
     return bundle_dir
 
 
+def _any_rank(flag: bool, ddp: Distributed) -> bool:
+    """``flag`` OR-ed over all ranks, so every rank stops at the same step (no rank left waiting)."""
+    if not ddp.active:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _sync_buffers(model: torch.nn.Module, ddp: Distributed) -> None:
+    """BatchNorm running statistics from rank 0 on every rank. DDP gradients keep the parameters equal,
+    but each rank updates its buffers on its own batches after DDP's per-forward broadcast."""
+    if ddp.active:
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def _barrier(ddp: Distributed) -> None:
+    if ddp.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _write(model: torch.nn.Module, cfg: TrainConfig, bundle_dir: Path, data: AnnotatedDataset, step: int,
-           epoch: int, train_seconds: float) -> None:
+           epoch: int, train_seconds: float, world: int = 1) -> None:
     provenance = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
@@ -271,6 +363,7 @@ def _write(model: torch.nn.Module, cfg: TrainConfig, bundle_dir: Path, data: Ann
         "steps": step,
         "epochs": epoch,
         "train_seconds": round(train_seconds, 1),
+        "processes": world,
         "torch": str(torch.__version__),
     }
     write_bundle(bundle_dir, model, cfg.labels.classes, cfg.model, cfg.score_threshold, provenance=provenance)
