@@ -5,6 +5,9 @@ Layout of a bundle directory::
     bundle.yaml   format version, classes, model config, preprocessing, default threshold,
                   metrics, provenance, and the sha256 of every weights file
     model.pt      segmenter state dict
+    classifier.pt optional WBC-type crop classifier (trainer.classifier); bundle.yaml then has a
+                  ``classifier`` section: file, sha256 and config (classes, crop, stain reference, merge rule).
+                  Bundles without it load and predict as before.
 
 Loading verifies the checksums first, so a truncated copy or a half-synced volume fails with a
 message naming the file instead of serving a broken model.
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 BUNDLE_FORMAT = "wbc-bundle/1"
 BUNDLE_FILE = "bundle.yaml"
 SEGMENTER_FILE = "model.pt"
+CLASSIFIER_FILE = "classifier.pt"
 
 
 class BundleError(RuntimeError):
@@ -52,6 +56,13 @@ class Bundle:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    classifier: dict[str, Any] | None = None   # bundle.yaml's optional classifier section (file, sha256, config)
+
+    @property
+    def classifier_path(self) -> Path | None:
+        if not self.classifier:
+            return None
+        return self.directory / str(self.classifier.get("file", CLASSIFIER_FILE))
 
     def build_segmenter(self) -> torch.nn.Module:
         cfg = SegmenterConfig.from_dict({**self.model_config.to_dict(), "weights": None, "backbone_weights": None})
@@ -94,6 +105,36 @@ def update_bundle_metrics(directory: Path, metrics: dict[str, Any]) -> None:
     atomic_write_bytes(path, yaml.safe_dump(meta, sort_keys=False).encode())
 
 
+def attach_classifier(directory: str | Path, state_dict: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Add (or replace) the optional crop classifier of an existing bundle: ``classifier.pt`` and a
+    ``classifier`` section (file, sha256, config) in ``bundle.yaml``, written last and atomically."""
+    directory = Path(directory)
+    path = directory / BUNDLE_FILE
+    if not path.is_file():
+        raise BundleError(f"no model bundle at {directory}: {path} is missing; train the segmenter first")
+    weights = directory / CLASSIFIER_FILE
+    atomic_torch_save(state_dict, weights)
+    meta = yaml.safe_load(path.read_text())
+    meta["classifier"] = {"file": CLASSIFIER_FILE, "sha256": sha256_file(weights), "config": config}
+    atomic_write_bytes(path, yaml.safe_dump(meta, sort_keys=False).encode())
+    return directory
+
+
+def _verify_classifier(directory: Path, meta_path: Path, section: Any) -> dict[str, Any] | None:
+    if section is None:
+        return None
+    if not isinstance(section, dict) or not isinstance(section.get("config"), dict):
+        raise BundleError(f"{meta_path}: the 'classifier' section needs 'file', 'sha256' and a 'config' mapping")
+    weights = directory / str(section.get("file", CLASSIFIER_FILE))
+    if not weights.is_file():
+        raise BundleError(f"bundle {directory} is incomplete: its classifier {weights} is missing")
+    actual = sha256_file(weights)
+    if section.get("sha256") and actual != section["sha256"]:
+        raise BundleError(f"{weights} is corrupt: sha256 {actual[:12]}... does not match the bundle's "
+                          f"{str(section['sha256'])[:12]}...; copy the bundle again")
+    return section
+
+
 def load_bundle(directory: str | Path) -> Bundle:
     """Read and verify a bundle. Raises :class:`BundleError` naming the missing or corrupt file."""
     directory = Path(directory)
@@ -125,4 +166,5 @@ def load_bundle(directory: str | Path) -> Bundle:
         raise BundleError(f"{meta_path} lists no classes")
     return Bundle(directory=directory, classes=classes, model_config=cfg,
                   score_threshold=float(meta.get("score_threshold", 0.5)),
-                  metrics=meta.get("metrics") or {}, provenance=meta.get("provenance") or {}, raw=meta)
+                  metrics=meta.get("metrics") or {}, provenance=meta.get("provenance") or {}, raw=meta,
+                  classifier=_verify_classifier(directory, meta_path, meta.get("classifier")))

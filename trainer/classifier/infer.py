@@ -1,0 +1,148 @@
+"""The classifier inside the pipeline: crop every detected cell, classify, merge with the segmenter's label.
+
+:class:`CellClassifier` is built from a model bundle's optional classifier (``classifier.pt`` + the
+``classifier`` section of ``bundle.yaml``) and used by :class:`trainer.predict.Predictor` after the masks are
+computed: the cells are cropped with :func:`trainer.classifier.crops.crop_instances` from the image the
+pipeline already decoded (no second decode), colour-normalised with the statistics of that slide, and
+classified in one batch.
+
+**Merge rule** (:func:`merge_opinions`). The segmenter gives one label ``L`` with score ``s``; the classifier
+gives probabilities ``p`` over its classes. With ``w = merge.classifier_weight`` (default 0.75) each candidate
+label ``c`` gets the support ``w * p(c) + (1 - w) * s * [c == L]`` and the cell takes the label of highest
+support; its score is that support (agreement keeps the score high, a disagreement lowers it and marks the
+cell for review). With w = 0.75 the classifier overrides the segmenter when its top class beats its
+probability of ``L`` by more than ``s / 3``. Two exceptions: a segmenter label the classifier was never
+trained on (e.g. ``blast cell``, which PBC lacks) is kept with its score, since the classifier cannot judge it;
+and a segmenter with a single class (``wbc``: detection only) has no opinion on the type, so the classifier's
+label is taken, with score ``s * p(label)``.
+
+Both opinions are kept on the cell as string attributes (see :data:`ATTRIBUTES`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from trainer.classifier.crops import CropConfig, apply_mask, crop_instances
+from trainer.classifier.model import CellNet, NetConfig
+from trainer.classifier.stain import StainNormalizer, frame_stats
+from trainer.classifier.train import MergeConfig, TrainedClassifier, predict_proba
+
+if TYPE_CHECKING:
+    from trainer.bundle import Bundle
+    from trainer.predict import Cell
+
+#: The attributes :meth:`CellClassifier.refine` sets on every cell (all values are strings).
+ATTRIBUTES = {
+    "segmenter_label": "the segmenter's label",
+    "segmenter_score": "the segmenter's score, 3 decimals",
+    "classifier_label": "the classifier's most probable label",
+    "classifier_score": "the classifier's probability of that label, 3 decimals",
+    "decided_by": "agree | classifier | segmenter: whose label the cell has",
+}
+CLASSIFIER_CONFIG_VERSION = 1
+
+
+@dataclass
+class MergeResult:
+    label: str
+    score: float
+    attributes: dict[str, str]
+
+
+def merge_opinions(seg_label: str, seg_score: float, probs: np.ndarray, classes: Sequence[str], weight: float,
+                   segmenter_has_types: bool = True) -> MergeResult:
+    """Merge the segmenter's (label, score) with the classifier's probabilities (see the module doc)."""
+    probs = np.asarray(probs, dtype=float)
+    top = int(probs.argmax())
+    cls_label, cls_score = classes[top], float(probs[top])
+    if not segmenter_has_types:
+        label, score = cls_label, seg_score * cls_score
+    elif seg_label not in classes:
+        label, score = seg_label, seg_score  # a class the classifier never learned: it has no say
+    else:
+        support = {c: weight * float(p) for c, p in zip(classes, probs, strict=True)}
+        support[seg_label] = support.get(seg_label, 0.0) + (1.0 - weight) * seg_score
+        label = max(support, key=lambda c: (support[c], c == seg_label))
+        score = support[label]
+    decided = "agree" if cls_label == seg_label else ("classifier" if label == cls_label else "segmenter")
+    attributes = {"segmenter_label": seg_label, "segmenter_score": f"{seg_score:.3f}",
+                  "classifier_label": cls_label, "classifier_score": f"{cls_score:.3f}", "decided_by": decided}
+    return MergeResult(label=label, score=float(score), attributes=attributes)
+
+
+def classifier_config(trained: TrainedClassifier, metrics: dict[str, Any] | None = None,
+                      provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``classifier.config`` section a bundle stores: everything inference needs, plus metrics."""
+    cfg = trained.config
+    return {"version": CLASSIFIER_CONFIG_VERSION, "classes": list(trained.classes), "method": trained.method,
+            "crop": cfg.crop.to_dict(), "net": cfg.net.to_dict(), "stain": trained.normalizer.to_dict(),
+            "merge": {"classifier_weight": cfg.merge.classifier_weight}, "tta": cfg.train.tta,
+            "metrics": metrics or {}, "provenance": provenance or {}}
+
+
+class CellClassifier:
+    """A trained crop classifier ready to classify a slide's detected cells."""
+
+    def __init__(self, model: CellNet, classes: list[str], crop: CropConfig, normalizer: StainNormalizer,
+                 merge: MergeConfig, tta: bool = True) -> None:
+        self.model = model.eval()
+        self.classes, self.crop, self.normalizer, self.merge, self.tta = classes, crop, normalizer, merge, tta
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> CellClassifier:
+        classes = [str(c) for c in config.get("classes") or []]
+        if len(classes) < 2:
+            raise ValueError(f"classifier config lists {len(classes)} classes; it needs at least two")
+        model = CellNet(len(classes), NetConfig.from_dict(config.get("net")))
+        model.load_state_dict(state_dict)
+        return cls(model, classes, CropConfig.from_dict(config.get("crop")),
+                   StainNormalizer.from_dict(config.get("stain")),
+                   MergeConfig(**(config.get("merge") or {})), tta=bool(config.get("tta", True)))
+
+    @classmethod
+    def from_trained(cls, trained: TrainedClassifier) -> CellClassifier:
+        return cls(trained.model, trained.classes, trained.config.crop, trained.normalizer, trained.config.merge,
+                   trained.config.train.tta)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> CellClassifier:
+        from trainer.bundle import BundleError
+
+        path = bundle.classifier_path
+        if path is None:
+            raise BundleError(f"bundle {bundle.directory} has no classifier")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return cls.from_config(bundle.classifier["config"], state)
+        except Exception as exc:
+            raise BundleError(f"cannot load the classifier {path}: {exc}") from exc
+
+    def probabilities(self, image: np.ndarray, items: Sequence[tuple[Sequence[float], np.ndarray | None,
+                                                                     tuple[int, int]]],
+                      scale: float = 1.0) -> np.ndarray:
+        """Class probabilities (N, C) of cells ``(box, mask crop or None, origin)`` (native px) of ``image``
+        (RGB uint8 decoded at ``scale`` x native)."""
+        if not items:
+            return np.zeros((0, len(self.classes)), np.float32)
+        crops, masks, has_mask = crop_instances(image, items, self.crop, scale=scale)
+        if self.normalizer.method != "none":
+            stats = frame_stats(image)
+            crops = self.normalizer(crops, {k: np.repeat(v[None], len(crops), axis=0) for k, v in stats.items()})
+        if self.crop.masked:
+            crops = apply_mask(crops, masks, has_mask, self.crop.mask_grow)
+        return predict_proba(self.model, torch.from_numpy(np.ascontiguousarray(crops)), tta=self.tta)
+
+    def refine(self, image: np.ndarray, scale: float, cells: list[Cell], segmenter_has_types: bool = True) -> None:
+        """Classify ``cells`` (detected on ``image``) and set each one's merged label, score and attributes."""
+        probs = self.probabilities(image, [(c.box, c.mask_crop, c.origin) for c in cells], scale)
+        for cell, p in zip(cells, probs, strict=True):
+            merged = merge_opinions(cell.label, cell.score, p, self.classes, self.merge.classifier_weight,
+                                    segmenter_has_types)
+            cell.label, cell.score = merged.label, merged.score
+            cell.attributes.update(merged.attributes)
