@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-Usage: ./serverless/deploy.sh [cpu|gpu] BUNDLE_DIR [--mount]
+Usage: ./serverless/deploy.sh [cpu|gpu] BUNDLE_DIR [--mount | --registry]
 
 Builds and deploys the Nuclio function "wbc-maskrcnn" (CVAT detector, project "cvat", platform local).
 
@@ -15,6 +15,9 @@ Builds and deploys the Nuclio function "wbc-maskrcnn" (CVAT detector, project "c
   --mount     do not copy the bundle into the image: bind-mount BUNDLE_DIR (host path) at
               /models/current instead, so a new bundle is rolled out by replacing the folder's
               contents (or re-pointing a symlink) and restarting the container, without a rebuild
+  --registry  BUNDLE_DIR is a model registry (python -m trainer retrain / registry --root DIR): mount
+              it at /models and serve /models/current; every version the retrain job promotes is
+              picked up by the running function within WBC_RELOAD_SECONDS (no rebuild, no restart)
 
 What gets built: a staging folder that Nuclio copies to /opt/nuclio in the image:
   main.py                      (serverless/main.py; handler main:handler)
@@ -33,11 +36,13 @@ die() { echo "deploy.sh: error: $*" >&2; exit 1; }
 DEVICE=cpu
 BUNDLE=""
 MOUNT=0
+REGISTRY=0
 for arg in "$@"; do
     case "$arg" in
         -h|--help) usage; exit 0 ;;
         cpu|gpu) DEVICE="$arg" ;;
         --mount) MOUNT=1 ;;
+        --registry) REGISTRY=1 ;;
         -*) usage >&2; die "unknown option $arg" ;;
         *) [[ -z "$BUNDLE" ]] || { usage >&2; die "more than one BUNDLE_DIR given"; }
            BUNDLE="$arg" ;;
@@ -55,6 +60,12 @@ if [[ "$DEVICE" == gpu ]]; then YAML=function-gpu.yaml; else YAML=function.yaml;
 # --- checks ---------------------------------------------------------------------------------------
 [[ -d "$BUNDLE" ]] || die "bundle folder $BUNDLE does not exist"
 BUNDLE="$(cd "$BUNDLE" && pwd)"
+[[ "$MOUNT$REGISTRY" != 11 ]] || die "--mount and --registry exclude each other"
+if [[ "$REGISTRY" == 1 ]]; then
+    [[ -L "$BUNDLE/current" ]] || die "$BUNDLE/current is missing: not a model registry with a promoted version (run 'python -m trainer retrain' or 'python -m trainer registry list --root $BUNDLE')"
+    REGISTRY_ROOT="$BUNDLE"
+    BUNDLE="$REGISTRY_ROOT/current"
+fi
 [[ -f "$BUNDLE/bundle.yaml" ]] || die "$BUNDLE/bundle.yaml is missing: not a model bundle (train one with 'python -m trainer train-segmenter ... --out runs/seg1' and pass runs/seg1/bundle)"
 [[ -f "$BUNDLE/model.pt" ]] || die "$BUNDLE/model.pt is missing: the bundle is incomplete, copy it again"
 [[ -f "$REPO/$YAML" ]] || die "$REPO/$YAML is missing"
@@ -72,7 +83,12 @@ tar -C "$REPO" --exclude='__pycache__' --exclude='*.pyc' -cf - trainer serverles
 cp "$REPO/serverless/main.py" "$STAGE/main.py"
 cp "$REPO/$YAML" "$STAGE/$YAML"
 VOLUME_ARGS=()
-if [[ "$MOUNT" == 1 ]]; then
+if [[ "$REGISTRY" == 1 ]]; then
+    BUNDLE_IN_IMAGE=/models/current
+    # the function file's `models` volume is pointed at the registry (hostPath), served from /models/current
+    sed -i "s#path: /opt/wbc/models#path: $REGISTRY_ROOT#; s#value: /opt/nuclio/bundle#value: $BUNDLE_IN_IMAGE#" "$STAGE/$YAML"
+    echo "registry: $REGISTRY_ROOT mounted at /models; serving $BUNDLE_IN_IMAGE -> $(readlink "$REGISTRY_ROOT/current")"
+elif [[ "$MOUNT" == 1 ]]; then
     BUNDLE_IN_IMAGE=/models/current
     VOLUME_ARGS=(--volume "$BUNDLE:$BUNDLE_IN_IMAGE")
     sed -i "s#value: /opt/nuclio/bundle#value: $BUNDLE_IN_IMAGE#" "$STAGE/$YAML"

@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 import traceback
 import warnings
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainer.bundle import BUNDLE_FILE, CLASSIFIER_FILE, SEGMENTER_FILE, Bundle
 from trainer.data.images import ImageReadError, decode_rgb
 from trainer.data.masks import cvat_function_mask_json, mask_to_polygon
 from trainer.predict import Cell, Prediction, Predictor
@@ -56,6 +58,9 @@ POLYGON_TOLERANCE = 2.0
 #: PIL format names accepted (MPO: iPhone/Android JPEGs with an embedded depth/preview image).
 JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "TIFF", "WEBP"})
+#: Seconds between two checks for a changed bundle (0: every request; negative: never).
+RELOAD_ENV = "WBC_RELOAD_SECONDS"
+DEFAULT_RELOAD_SECONDS = 5.0
 REQUEST_HELP = 'send JSON {"image": "<base64 of a JPEG/PNG/BMP/TIFF>", "threshold": 0.5}'
 
 
@@ -65,6 +70,40 @@ class BadRequest(ValueError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+def reload_interval() -> float:
+    """``$WBC_RELOAD_SECONDS`` as a float (default 5; a bad value is warned about and ignored)."""
+    value = os.environ.get(RELOAD_ENV, "").strip()
+    if not value:
+        return DEFAULT_RELOAD_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        log.warning("%s=%r is not a number; checking for a new bundle every %s s", RELOAD_ENV, value,
+                    DEFAULT_RELOAD_SECONDS)
+        return DEFAULT_RELOAD_SECONDS
+    return seconds if math.isfinite(seconds) else -1.0
+
+
+def bundle_identity(directory: str | Path) -> tuple[Any, ...]:
+    """What identifies the bundle in a folder without reading it: its real path (a ``current`` symlink is
+    followed) and the (mtime_ns, size) of ``bundle.yaml``, ``model.pt`` and ``classifier.pt`` (None if
+    missing), so a copy that completes after a failed load is tried again."""
+    real = os.path.realpath(directory)
+    stats: list[tuple[int, int] | None] = []
+    for name in (BUNDLE_FILE, SEGMENTER_FILE, CLASSIFIER_FILE):
+        try:
+            st = os.stat(os.path.join(real, name))
+            stats.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            stats.append(None)
+    return (real, *stats)
+
+
+def _bundle_version(predictor: Predictor) -> str:
+    """A short name for the served bundle: its folder name (a registry version such as v0003)."""
+    return predictor.bundle.directory.name or str(predictor.bundle.directory)
 
 
 # --- request ------------------------------------------------------------------------------
@@ -234,12 +273,14 @@ def _frame_crop(cell: Cell, width: int, height: int) -> tuple[np.ndarray, tuple[
     return crop[y0 - top:y1 - top, x0 - left:x1 - left], (x0, y0)
 
 
-def cell_to_cvat_json(cell: Cell, width: int, height: int, tolerance: float = POLYGON_TOLERANCE) -> str | None:
+def cell_to_cvat_json(cell: Cell, width: int, height: int, tolerance: float = POLYGON_TOLERANCE,
+                      attributes: frozenset[str] = frozenset()) -> str | None:
     """One cell as the JSON text of a CVAT detector ``mask`` result, or None when it has no mask or
     no polygon of at least 3 vertices.
 
     Keys: ``confidence`` (a string), ``label``, ``type: "mask"``, ``points`` (polygon, frame px) and
-    ``mask`` = the flat 0/255 tight crop + inclusive ``[xtl, ytl, xbr, ybr]`` in frame coordinates.
+    ``mask`` = the flat 0/255 tight crop + inclusive ``[xtl, ytl, xbr, ybr]`` in frame coordinates, and
+    ``attributes`` (``[{"name", "value"}]``, strings) for the cell attributes in ``attributes`` (the spec's).
     The mask is written as text directly (:func:`cvat_function_mask_json`): it is by far the largest
     part of the response.
     """
@@ -251,17 +292,21 @@ def cell_to_cvat_json(cell: Cell, width: int, height: int, tolerance: float = PO
     mask = cvat_function_mask_json(crop, offset=(left, top))
     if polygon is None or mask is None:
         return None
-    head = json.dumps({
+    item: dict[str, Any] = {
         "confidence": str(round(float(cell.score), 4)),
         "label": cell.label,
         "type": "mask",
         "points": [round(float(v), 2) for v in polygon.reshape(-1)],
-    })
+    }
+    declared = [{"name": k, "value": str(v)} for k, v in cell.attributes.items() if k in attributes]
+    if declared:  # CVAT rejects attributes its spec does not declare
+        item["attributes"] = declared
+    head = json.dumps(item)
     return head[:-1] + ', "mask": ' + mask + "}"
 
 
 def to_cvat_json(prediction: Prediction, threshold: float | None = None,
-                 tolerance: float = POLYGON_TOLERANCE) -> tuple[str, int]:
+                 tolerance: float = POLYGON_TOLERANCE, attributes: frozenset[str] = frozenset()) -> tuple[str, int]:
     """The response body CVAT gets (a JSON list, highest score first) and how many shapes it holds.
 
     Cells scoring under ``threshold`` (when given) and cells without a mask or a polygon of at
@@ -271,7 +316,7 @@ def to_cvat_json(prediction: Prediction, threshold: float | None = None,
     for cell in sorted(prediction.cells, key=lambda c: -c.score):
         if threshold is not None and cell.score < threshold:
             continue
-        item = cell_to_cvat_json(cell, prediction.width, prediction.height, tolerance)
+        item = cell_to_cvat_json(cell, prediction.width, prediction.height, tolerance, attributes)
         if item is not None:
             items.append(item)
     return "[" + ", ".join(items) + "]", len(items)
@@ -289,10 +334,31 @@ def _json_response(context: Any, payload: Any, status_code: int) -> Any:
 
 
 class ModelHandler:
-    """Wraps one :class:`Predictor` (one model per Nuclio worker process)."""
+    """Wraps one :class:`Predictor` (one model per Nuclio worker process) and swaps it for a new bundle.
 
-    def __init__(self, bundle: str | Path, device: str | None = None) -> None:
-        self.predictor = Predictor(bundle, device=device)
+    Hot reload: at the start of :meth:`handle`, at most every ``reload_seconds`` (``$WBC_RELOAD_SECONDS``,
+    default 5; 0 = every request; negative = never), the bundle folder's identity is compared with the
+    one being served: the folder's real path (``WBC_BUNDLE_DIR`` may be a registry's ``current``
+    symlink) and the mtime and size of ``bundle.yaml``, ``model.pt`` and ``classifier.pt``. When it
+    changed, a new :class:`Predictor` is loaded from the real path (checksums verified), warmed up and
+    swapped in; the request that noticed pays for that. If the new bundle cannot be loaded (half
+    copied, corrupt), one error line is logged and the old model keeps serving; it is tried again only
+    once the identity changes again.
+    """
+
+    def __init__(self, bundle: str | Path | Bundle, device: str | None = None, reload_seconds: float | None = None,
+                 warmup_on_reload: bool = True) -> None:
+        self.bundle_dir = Path(bundle.directory if isinstance(bundle, Bundle) else bundle)
+        self.device = device
+        self.reload_seconds = reload_interval() if reload_seconds is None else float(reload_seconds)
+        self.warmup_on_reload = warmup_on_reload
+        identity = bundle_identity(self.bundle_dir)  # taken first: a change during the load is seen next time
+        self.predictor = Predictor(bundle if isinstance(bundle, Bundle) else identity[0], device=device)
+        self._served = identity   # identity of the bundle being served
+        self._seen = identity     # last identity tried (served, or failed to load)
+        self._next_check = time.monotonic() + max(self.reload_seconds, 0.0)
+        self.last_reload_error: str | None = None
+        self.attributes: frozenset[str] = frozenset()  # cell attributes returned to CVAT (those the spec declares)
         self.last_timings: dict[str, float] = {}
 
     @property
@@ -303,22 +369,68 @@ class ModelHandler:
     def default_threshold(self) -> float:
         return self.predictor.default_threshold
 
+    @property
+    def bundle_path(self) -> Path:
+        """The resolved bundle folder being served (e.g. ``/models/v0003`` for ``/models/current``)."""
+        return Path(self._served[0])
+
+    @staticmethod
+    def _warmup(predictor: Predictor) -> None:
+        size = (predictor.min_size, predictor.max_size, 3)
+        predictor.predict(np.zeros(size, dtype=np.uint8), threshold=1.0)
+
     def warmup(self) -> None:
         """One inference on a blank frame, so the first real request does not pay for lazy init."""
-        size = (self.predictor.min_size, self.predictor.max_size, 3)
-        self.predictor.predict(np.zeros(size, dtype=np.uint8), threshold=1.0)
+        self._warmup(self.predictor)
+
+    def maybe_reload(self, logger: Any = None, force: bool = False) -> bool:
+        """Swap in the bundle at :attr:`bundle_dir` if it changed (see the class doc); True if swapped.
+
+        Never raises: a bundle that fails to load is logged (``logger``: a Nuclio or ``logging`` logger)
+        and the current model keeps serving. ``force`` checks now, even when reloading is off.
+        """
+        logger = logger or log
+        if not force:
+            if self.reload_seconds < 0:
+                return False
+            now = time.monotonic()
+            if now < self._next_check:
+                return False
+            self._next_check = now + self.reload_seconds
+        try:
+            identity = bundle_identity(self.bundle_dir)
+            if identity == self._seen:
+                return False
+            self._seen = identity
+            predictor = Predictor(identity[0], device=self.device)
+            if self.warmup_on_reload:
+                self._warmup(predictor)
+        except Exception as exc:
+            self.last_reload_error = " ".join(f"{type(exc).__name__}: {exc}".split())
+            logger.error(f"cannot reload the WBC model bundle from {self.bundle_dir} -> {self._seen[0]}; still "
+                         f"serving {self.bundle_path}: {self.last_reload_error}")
+            return False
+        old_path, old_version = self.bundle_path, _bundle_version(self.predictor)
+        self.predictor = predictor  # one reference assignment: a request uses either the old or the new model
+        self._served = identity
+        self.last_reload_error = None
+        logger.info(f"WBC model bundle reloaded: {old_path} ({old_version}) -> {self.bundle_path} "
+                    f"({_bundle_version(predictor)}), classes={len(predictor.classes)}, "
+                    f"default_threshold={predictor.default_threshold}")
+        return True
 
     def predict(self, data: bytes, threshold: float | None = None) -> Prediction:
         """Validate and decode an upload, then run the pipeline (raises :class:`BadRequest`)."""
+        predictor = self.predictor  # one model for the whole request
         info = probe_image(data)
         if info.format in JPEG_FORMATS:
             try:
-                return self.predictor.predict_bytes(data, threshold)
+                return predictor.predict_bytes(data, threshold)
             except ImageReadError as exc:
                 raise BadRequest(str(exc)) from exc
         t0 = time.perf_counter()
         image = decode_image(data, info)
-        prediction = self.predictor.predict(image, threshold)
+        prediction = predictor.predict(image, threshold)
         prediction.timings["decode"] = time.perf_counter() - t0 - sum(prediction.timings.values())
         return prediction
 
@@ -335,12 +447,15 @@ class ModelHandler:
         parse = time.perf_counter() - t0
         prediction = self.predict(data, threshold)
         t1 = time.perf_counter()
-        text, count = to_cvat_json(prediction, threshold)
+        text, count = to_cvat_json(prediction, threshold, attributes=self.attributes)
         self.last_timings = {"parse": parse, **prediction.timings, "encode": time.perf_counter() - t1}
         return text, count
 
     def handle(self, context: Any, event: Any) -> Any:
-        """Serve one Nuclio event; always returns a ``context.Response`` (never a bare list)."""
+        """Serve one Nuclio event; always returns a ``context.Response`` (never a bare list).
+
+        A changed bundle is picked up first (:meth:`maybe_reload`)."""
+        self.maybe_reload(context.logger)
         start = time.perf_counter()
         try:
             body, count = self.infer(event.body)

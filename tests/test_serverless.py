@@ -593,6 +593,27 @@ def test_deploy_sh_gpu_with_a_mounted_bundle(bundle: Path, tmp_path: Path) -> No
     assert env["WBC_BUNDLE_DIR"] == "/models/current"
 
 
+def test_deploy_sh_serves_a_registry_from_its_current_pointer(bundle: Path, tmp_path: Path) -> None:
+    from trainer.registry import Registry
+
+    registry = Registry(tmp_path / "registry")
+    registry.promote(registry.add(bundle, {}), reason="test")
+    proc, out = _deploy(tmp_path, str(registry.root), "--registry")
+    assert proc.returncode == 0, proc.stderr
+    deploy = next(c for c in (out / "calls").read_text().splitlines() if c.startswith("deploy"))
+    assert "WBC_BUNDLE_DIR=/models/current" in deploy and "--volume" not in deploy
+    spec = yaml.safe_load((out / "stage" / "function.yaml").read_text())["spec"]
+    assert spec["volumes"][0]["volume"]["hostPath"]["path"] == str(registry.root.resolve())
+    assert spec["volumes"][0]["volumeMount"]["mountPath"] == "/models"
+    assert not (out / "stage" / "bundle").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    again = tmp_path / "again"
+    again.mkdir()
+    proc, _ = _deploy(again, str(empty), "--registry")
+    assert proc.returncode != 0 and "not a model registry" in proc.stderr
+
+
 # --- the local CLI ---------------------------------------------------------------------------------
 
 def test_cli_writes_cvat_json_xml_and_overlays(bundle: Path, model: ModelHandler, jpeg: bytes, tmp_path: Path,

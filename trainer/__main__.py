@@ -1,4 +1,4 @@
-"""``python -m trainer``: train, evaluate and run the WBC segmenter; make synthetic slides; the demo."""
+"""``python -m trainer``: train, evaluate and run the WBC segmenter and the crop classifier; synthetic slides; demo."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ EPILOG = """examples:
   python -m trainer evaluate --bundle runs/seg1/bundle --data exports/task14.zip --out runs/seg1/eval
   python -m trainer predict --bundle runs/seg1/bundle slide1.jpg slide2.jpg --out predictions/
   python -m trainer synth --out synthetic-task --images 20
+  python -m trainer retrain --config retrain.yaml
+  python -m trainer registry list --root models/registry
+  python -m trainer registry rollback v0003 --root models/registry
+  python -m trainer train-classifier --source pbc/ --target exports/task12.zip --method finetune --few-shot 10 \
+      --stain-norm reinhard --out runs/cls1 --bundle runs/seg1/bundle
 
 --data takes a CVAT for images 1.1 export (zip, folder or annotations.xml), a COCO 1.0 export
 (zip, folder or instances JSON) or a cvat_sync dataset folder; repeat it to train on several tasks.
@@ -29,16 +34,12 @@ EPILOG = """examples:
 def _load_many(paths: list[Path], label_map, require_images: bool, extract_root: Path,
                strict: bool = False) -> AnnotatedDataset:
     """Load and concatenate several exports; zips are extracted under ``extract_root/<name>/``."""
-    from trainer.data.loader import load_dataset
+    from trainer.data.loader import load_dataset, merge_datasets
 
     parts = [load_dataset(p, label_map=label_map, require_images=require_images, strict=strict,
                           extract_dir=extract_root / f"{i:02d}-{p.stem}" if p.suffix.lower() == ".zip" else None)
              for i, p in enumerate(paths)]
-    if len(parts) == 1:
-        return parts[0]
-    images = [img for part in parts for img in part.images]
-    labels = list(dict.fromkeys(lbl for part in parts for lbl in part.labels))
-    return AnnotatedDataset(images=images, labels=labels, source=" + ".join(p.source for p in parts))
+    return merge_datasets(parts)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -123,6 +124,29 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from trainer.classifier.cli import run
+
+    return run(args)
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from trainer.registry import run_cli
+
+    return run_cli(args)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from cvat_sync.client import CvatError
+    from trainer.retrain import run_retrain
+
+    try:
+        return run_retrain(args.config, force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+    except CvatError as exc:  # the pull step: cvat_sync's own exit codes (3 auth, 4 not found, 5 unreachable...)
+        log.error("pull failed: %s", exc)
+        return exc.exit_code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
 
@@ -177,6 +201,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=756)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)
+
+    c = sub.add_parser("train-classifier", help="train the WBC-type crop classifier (source-only, target-only, "
+                       "finetune, dann), evaluate it on held-out target frames, attach it to a bundle",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from trainer.classifier.cli import add_arguments
+
+    add_arguments(c)
+    c.set_defaults(func=cmd_train_classifier)
+
+    r = sub.add_parser("registry", help="model registry: list, show, rollback, verify, prune versions")
+    from trainer.registry import add_arguments as add_registry_arguments
+
+    add_registry_arguments(r)
+    r.set_defaults(func=cmd_registry)
+
+    from trainer.retrain import EXIT_CODES
+
+    rt = sub.add_parser("retrain", help="one retraining cycle: pull from CVAT, split, fine-tune, evaluate, "
+                        "promote only if the gate holds (for cron/systemd/Kubernetes)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
+                        + "\n\nexample config: trainer/configs/retrain.yaml")
+    rt.add_argument("--config", type=Path, required=True, help="retrain YAML (see trainer/configs/retrain.yaml)")
+    rt.add_argument("--force", action="store_true", help="train even when no frame changed since the current version")
+    rt.add_argument("--no-progress", action="store_true", help="no progress bars (they are off without a terminal)")
+    rt.set_defaults(func=cmd_retrain)
 
     d = sub.add_parser("demo", help="end to end on synthetic slides: generate, train, evaluate, predict")
     d.add_argument("--out", type=Path, default=Path("demo-output"))

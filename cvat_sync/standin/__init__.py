@@ -76,7 +76,13 @@ not captures (real PATs arrived later than 2.32).
 from cvat_sync.standin.faults import FAULT_KINDS, ROUTE_KINDS, Fault
 from cvat_sync.standin.server import LogEntry, StandinCVAT
 from cvat_sync.standin.state import StateError
-from cvat_sync.standin.xmltask import synthetic_slide_jpeg, task_from_cvat_xml
+from cvat_sync.standin.xmltask import (
+    dataset_shapes,
+    label_ids,
+    synthetic_slide_jpeg,
+    task_from_cvat_xml,
+    task_from_dataset,
+)
 
-__all__ = ["FAULT_KINDS", "ROUTE_KINDS", "Fault", "LogEntry", "StandinCVAT", "StateError", "synthetic_slide_jpeg",
-           "task_from_cvat_xml"]
+__all__ = ["FAULT_KINDS", "ROUTE_KINDS", "Fault", "LogEntry", "StandinCVAT", "StateError", "dataset_shapes",
+           "label_ids", "synthetic_slide_jpeg", "task_from_cvat_xml", "task_from_dataset"]

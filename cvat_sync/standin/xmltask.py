@@ -144,3 +144,48 @@ def _scaled_mask(shape: ET.Element, sx: float, sy: float, width: int, height: in
         return None
     sub, box = tight
     return cvat_rle_encode(sub) + list(box)
+
+
+def dataset_shapes(folder: str | Path, label_ids: dict[str, int], shift: float = 0.0) -> list[dict[str, Any]]:
+    """The polygons of an annotated dataset folder (any export the trainer reads; frames in name order) as
+    CVAT API shapes. ``shift`` > 0 corrupts them on purpose: every outline moves by that share of the frame
+    (wrapping around), so it outlines background instead of its cell."""
+    from trainer.data.loader import load_dataset
+
+    shapes = []
+    records = sorted(load_dataset(folder).images, key=lambda r: r.name)
+    for frame, record in enumerate(records):
+        for inst in record.instances:
+            if inst.polygon is None:
+                continue
+            pts = inst.polygon.copy()
+            if shift:
+                size = np.array([record.width, record.height], np.float64)
+                moved = pts.mean(axis=0) + shift * size
+                pts = pts - pts.mean(axis=0) + np.mod(moved, size)
+                pts = np.clip(pts, 0, size - 1)
+            shapes.append({"type": "polygon", "frame": frame, "label_id": label_ids[inst.label],
+                           "points": [round(float(v), 2) for v in pts.reshape(-1)]})
+    return shapes
+
+
+def task_from_dataset(server: CvatState, folder: str | Path, name: str, *, segment_size: int | None = None,
+                      completed: bool = True, **task_kwargs: Any) -> int:
+    """A task holding a dataset folder's own image files (byte for byte, name order) and its polygons, with the
+    10 RV-PBS labels; every job ``completed`` unless told otherwise. Returns the task id."""
+    from trainer.labels import RVPBS_LABELS
+
+    folder = Path(folder)
+    paths = sorted(p for p in (folder / "images").iterdir() if p.is_file())
+    tid = server.add_task(name, frames=[(p.name, p.read_bytes()) for p in paths],
+                          labels=[{"name": n, "type": "polygon"} for n in RVPBS_LABELS], segment_size=segment_size,
+                          **task_kwargs)
+    server.set_annotations(tid, dataset_shapes(folder, label_ids(server, tid)))
+    if completed:
+        for job in server.task(tid).jobs:
+            server.set_job_state(job, state="completed")
+    return tid
+
+
+def label_ids(server: CvatState, task_id: int) -> dict[str, int]:
+    return {lab.name: lab.id for lab in server.task_labels(server.task(task_id))}

@@ -190,3 +190,12 @@ def load_dataset(path: str | Path, label_map: LabelMap | None = None, require_im
     counts = dataset.label_counts()
     log.info("%s: %d frames, %d shapes %s", dataset.source, len(dataset), sum(counts.values()), counts)
     return dataset
+
+
+def merge_datasets(parts: list[AnnotatedDataset]) -> AnnotatedDataset:
+    """Several datasets as one (frames in order, labels in first-seen order)."""
+    if len(parts) == 1:
+        return parts[0]
+    images = [img for part in parts for img in part.images]
+    labels = list(dict.fromkeys(lbl for part in parts for lbl in part.labels))
+    return AnnotatedDataset(images=images, labels=labels, source=" + ".join(p.source for p in parts))
