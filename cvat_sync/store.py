@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from trainer.atomic import atomic_write_bytes
+from trainer.atomic import LockHeld, atomic_write_bytes, pid_lock, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def safe_relpath(name: str) -> Path:
     """A frame name as a relative path inside ``images/`` (CVAT names may hold folders; no escaping)."""
     parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", ".", "/")]
@@ -83,22 +74,15 @@ def task_lock(out: Path, task_id: int) -> Iterator[None]:
     """Exclusive lock for one task's folder; a second pull of the same task fails at once."""
     out.mkdir(parents=True, exist_ok=True)
     path = Path(out) / f".task-{task_id}.lock"
-    fh = open(path, "a+")  # noqa: SIM115 - held for the duration of the with-block
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"another pull of task {task_id} is running (lock {path}); wait for it to "
-                             "finish") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        held = pid_lock(path)
+        held.__enter__()
+    except LockHeld as exc:
+        raise StoreError(f"another pull of task {task_id} is running ({exc}); wait for it to finish") from None
+    try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        held.__exit__(None, None, None)
 
 
 def recover(out: Path, task_id: int) -> None:

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from tests.test_classifier_synthetic import smear, target_dataset, write_class_folders
+from tests.tiny_models import spread_untrained_segmenter
 from trainer.__main__ import main
 from trainer.bundle import CLASSIFIER_FILE, BundleError, attach_classifier, load_bundle, write_bundle
 from trainer.classifier.crops import CropConfig
@@ -21,7 +22,6 @@ from trainer.classifier.model import CellNet, NetConfig
 from trainer.classifier.stain import StainNormalizer, frame_stats, stack_stats
 from trainer.classifier.train import ClassifierConfig, TrainedClassifier
 from trainer.data.cvat_xml import write_cvat_xml
-from trainer.model import SegmenterConfig, build_model
 from trainer.predict import Prediction, Predictor
 
 CLASSES = ["lymphocyte", "neutrophil"]
@@ -60,15 +60,7 @@ def _slide() -> np.ndarray:
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, TrainedClassifier, Prediction]:
     """A tiny segmenter bundle, its prediction on the test slide, and a copy of the bundle with a
     (random-weight) classifier attached that mostly prefers a class the segmenter did not predict."""
-    cfg = SegmenterConfig(min_size=192, max_size=256, fpn_channels=32, mask_resolution=7, box_score_thresh=0.01,
-                          box_detections_per_img=30)
-    torch.manual_seed(0)
-    model = build_model(cfg, 10).eval()
-    with torch.no_grad():  # spread the untrained scores out so the threshold has something to cut
-        model.roi_heads.box_predictor.cls_score.weight.mul_(60)
-        for m in model.roi_heads.box_head.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(60)
+    cfg, model = spread_untrained_segmenter()
     root = tmp_path_factory.mktemp("bundles")
     plain = write_bundle(root / "plain", model, RVPBS, cfg, 0.5)
     predictor = Predictor(plain, device="cpu")

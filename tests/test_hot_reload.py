@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image
 
 from serverless import main as function
 from serverless.model_handler import ModelHandler, reload_interval
+from tests.nuclio_context import Ctx
 from trainer.bundle import write_bundle
 from trainer.labels import RVPBS_LABELS
 from trainer.model import SegmenterConfig, build_model
@@ -62,21 +62,6 @@ def body() -> dict:
     Image.fromarray(img).save(buf, "JPEG", quality=90)
     return {"image": base64.b64encode(buf.getvalue()).decode(), "threshold": LOW}
 
-
-class Ctx:
-    """A real nuclio_sdk Context whose log lines are kept in ``text``."""
-
-    def __init__(self, model: ModelHandler | None = None) -> None:
-        self.stream = io.StringIO()
-        logger = nuclio_sdk.Logger(logging.DEBUG, name=f"test-hot-reload-{id(self)}")
-        logger.set_handler("test", self.stream, nuclio_sdk.logger.HumanReadableFormatter())
-        self.context = nuclio_sdk.Context(logger=logger)
-        if model is not None:
-            self.context.user_data.model = model
-
-    @property
-    def text(self) -> str:
-        return self.stream.getvalue()
 
     def lines(self, level: str) -> list[str]:
         return [line for line in self.text.splitlines() if f"[{level}]" in line]

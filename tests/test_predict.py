@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from tests.tiny_models import spread_untrained_segmenter
 from trainer.bundle import write_bundle
 from trainer.data.images import ImageReadError, decode_jpeg_torch, decode_rgb
 from trainer.model import SegmenterConfig, build_model, fold_batchnorm, optimize_for_inference
@@ -71,15 +72,7 @@ def _slide(h: int = 192, w: int = 256) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def bundle_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
-    cfg = SegmenterConfig(min_size=192, max_size=256, fpn_channels=32, mask_resolution=7, box_score_thresh=0.01,
-                          box_detections_per_img=30)
-    torch.manual_seed(0)
-    model = build_model(cfg, 10).eval()
-    with torch.no_grad():  # spread the untrained scores out so the threshold has something to cut
-        model.roi_heads.box_predictor.cls_score.weight.mul_(60)
-        for m in model.roi_heads.box_head.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(60)
+    cfg, model = spread_untrained_segmenter()
     directory = tmp_path_factory.mktemp("bundle")
     write_bundle(directory, model, [f"class{i}" for i in range(10)], cfg, 0.5)
     return directory, model

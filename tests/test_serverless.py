@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import os
 import struct
 import subprocess
@@ -40,6 +39,7 @@ from serverless.model_handler import (
     parse_request,
     probe_image,
 )
+from tests.nuclio_context import Ctx
 from trainer.bundle import BundleError, write_bundle
 from trainer.data.cvat_xml import read_cvat_xml
 from trainer.data.masks import decode_cvat_function_mask, mask_iou, place_crop
@@ -102,22 +102,6 @@ def model(bundle: Path) -> ModelHandler:
 @pytest.fixture(scope="module")
 def jpeg() -> bytes:
     return _encode(_slide(), "JPEG", quality=90)
-
-
-class Ctx:
-    """A real nuclio_sdk Context whose log lines are kept in ``text``."""
-
-    def __init__(self, model: ModelHandler | None = None) -> None:
-        self.stream = io.StringIO()
-        logger = nuclio_sdk.Logger(logging.DEBUG, name=f"test-wbc-{id(self)}")
-        logger.set_handler("test", self.stream, nuclio_sdk.logger.HumanReadableFormatter())
-        self.context = nuclio_sdk.Context(logger=logger)
-        if model is not None:
-            self.context.user_data.model = model
-
-    @property
-    def text(self) -> str:
-        return self.stream.getvalue()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ message naming the file instead of serving a broken model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from trainer.atomic import atomic_torch_save, atomic_write_bytes
+from trainer.atomic import atomic_torch_save, atomic_write_bytes, sha256_file
 from trainer.model import SegmenterConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -37,14 +36,6 @@ CLASSIFIER_FILE = "classifier.pt"
 
 class BundleError(RuntimeError):
     """A bundle is missing, incomplete or corrupt; the message names the file."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

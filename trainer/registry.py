@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import datetime
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -40,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from trainer.atomic import LockHeld, pid_lock, sha256_file
 from trainer.bundle import BundleError, load_bundle
 
 log = logging.getLogger(__name__)
@@ -88,14 +88,6 @@ def _copy_file(src: Path, dst: Path) -> str:
         fout.flush()
         os.fsync(fout.fileno())
     shutil.copystat(src, dst)
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -190,7 +182,7 @@ class Registry:
             path = directory / name
             if not path.is_file():
                 raise RegistryError(f"version {version} is incomplete: {path} is missing")
-            actual = _sha256(path)
+            actual = sha256_file(path)
             if actual != expected:
                 raise RegistryError(f"version {version} is corrupt: {path} has sha256 {actual[:12]}..., "
                                     f"registry.yaml says {str(expected)[:12]}...")
@@ -355,26 +347,15 @@ class Registry:
             raise RegistryError(f"bad lock name {name!r}")
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f".{name}.lock"
-        fh = open(path, "a+")  # noqa: SIM115 - held for the duration of the with-block
         try:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                text = fh.read().strip()
-                pid = int(text) if text.isdigit() else None
-                holder = f"pid {pid}" if pid is not None else "another process"
-                raise RegistryBusy(f"registry {self.root} is busy: lock {path} is held by {holder}; "
-                                   "wait for it to finish", pid) from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{os.getpid()}\n")
-            fh.flush()
+            held = pid_lock(path)
+            held.__enter__()
+        except LockHeld as exc:
+            raise RegistryBusy(f"registry {self.root} is busy: {exc}; wait for it to finish", exc.pid) from None
+        try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fh, fcntl.LOCK_UN)
-            fh.close()
+            held.__exit__(None, None, None)
 
     def clean_staging(self) -> None:
         """Remove what a crashed run left behind (``.staging-*``, ``.current-*``, ``.deleting-*``).

@@ -163,11 +163,9 @@ def frame_key(record: ImageRecord, known: dict[str, str] | None = None) -> str:
         return known[record.name]
     if record.path is None or not Path(record.path).is_file():
         raise DatasetError(f"frame {record.name} has no image file; retraining needs the images")
-    h = hashlib.sha256()
-    with open(record.path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from trainer.atomic import sha256_file
+
+    return sha256_file(Path(record.path))
 
 
 def split_side(key: str, salt: str, val_fraction: float) -> str:
