@@ -23,3 +23,7 @@ class Ctx:
     @property
     def text(self) -> str:
         return self.stream.getvalue()
+
+    def lines(self, level: str) -> list[str]:
+        """The logged lines of one level (``info``, ``warn``, ``error``...)."""
+        return [line for line in self.text.splitlines() if f"[{level}]" in line]

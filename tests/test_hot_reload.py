@@ -63,10 +63,6 @@ def body() -> dict:
     return {"image": base64.b64encode(buf.getvalue()).decode(), "threshold": LOW}
 
 
-    def lines(self, level: str) -> list[str]:
-        return [line for line in self.text.splitlines() if f"[{level}]" in line]
-
-
 def _labels(ctx: Ctx, body: dict) -> set[str]:
     """Labels of the cells the function returns for one request (which must be answered 200)."""
     response = function.handler(ctx.context, nuclio_sdk.Event(body=body, content_type="application/json"))

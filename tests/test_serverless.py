@@ -148,7 +148,18 @@ def test_function_yaml_has_every_field_cvat_and_nuclio_read(name: str) -> None:
     assert [label["name"] for label in labels] == list(RVPBS_LABELS)
     assert [label["id"] for label in labels] == list(range(10))
     assert len({label["name"] for label in labels}) == len(labels)
-    assert all(label["type"] == "mask" and "attributes" not in label for label in labels)
+    assert all(label["type"] == "mask" for label in labels)
+    # Every label declares the same attributes, each with what CVAT reads (a missing key is a KeyError there,
+    # a duplicate name makes the function invalid); values are strings so CVAT's checks keep them.
+    attributes = [label.get("attributes", []) for label in labels]
+    assert all(a == attributes[0] for a in attributes)
+    names = [a["name"] for a in attributes[0]]
+    assert len(set(names)) == len(names)
+    assert set(names) == {"segmenter_label", "segmenter_score", "classifier_label", "classifier_score", "decided_by"}
+    for attribute in attributes[0]:
+        assert attribute["input_type"] in ("text", "select") and all(isinstance(v, str) for v in attribute["values"])
+    decided_by = next(a for a in attributes[0] if a["name"] == "decided_by")
+    assert decided_by["input_type"] == "select" and set(decided_by["values"]) == {"agree", "classifier", "segmenter"}
     assert spec["description"].strip()
     assert spec["handler"] == "main:handler" and (REPO / "serverless" / "main.py").is_file()
     assert spec["runtime"] in ("python:3.10", "python:3.11")
