@@ -384,7 +384,10 @@ def test_ctrl_c_mid_pull_then_a_rerun_completes_it(cvat: StandinCVAT, tmp_path: 
     env = {**os.environ, **env_for(cvat), "PYTHONPATH": str(REPO)}
     args = [sys.executable, "-m", "cvat_sync", "pull", "--task", str(tid), "--out", str(tmp_path), "--workers", "2",
             "--no-progress"]
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background (nohup, CI runners) has SIGINT ignored, and the child would inherit
+    # that: Python then installs no KeyboardInterrupt handler. Give the child Ctrl-C back, as a terminal would.
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while len(cvat.log_where("frame", status=200)) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
