@@ -50,6 +50,10 @@ class Bundle:
     classifier: dict[str, Any] | None = None   # bundle.yaml's optional classifier section (file, sha256, config)
 
     @property
+    def segmenter_path(self) -> Path:
+        return self.directory / str((self.raw.get("segmenter") or {}).get("file", SEGMENTER_FILE))
+
+    @property
     def classifier_path(self) -> Path | None:
         if not self.classifier:
             return None
@@ -58,7 +62,7 @@ class Bundle:
     def build_segmenter(self) -> torch.nn.Module:
         cfg = SegmenterConfig.from_dict({**self.model_config.to_dict(), "weights": None, "backbone_weights": None})
         model = build_model(cfg, len(self.classes))
-        path = self.directory / SEGMENTER_FILE
+        path = self.segmenter_path
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
@@ -116,14 +120,20 @@ def _verify_classifier(directory: Path, meta_path: Path, section: Any) -> dict[s
         return None
     if not isinstance(section, dict) or not isinstance(section.get("config"), dict):
         raise BundleError(f"{meta_path}: the 'classifier' section needs 'file', 'sha256' and a 'config' mapping")
-    weights = directory / str(section.get("file", CLASSIFIER_FILE))
+    _verified_file(directory, section, CLASSIFIER_FILE, "its classifier ")
+    return section
+
+
+def _verified_file(directory: Path, section: dict[str, Any], default_name: str, what: str = "") -> Path:
+    """The weights file a bundle section names, checked to exist and to match its recorded sha256."""
+    weights = directory / str(section.get("file", default_name))
     if not weights.is_file():
-        raise BundleError(f"bundle {directory} is incomplete: its classifier {weights} is missing")
+        raise BundleError(f"bundle {directory} is incomplete: {what}{weights} is missing")
     actual = sha256_file(weights)
     if section.get("sha256") and actual != section["sha256"]:
         raise BundleError(f"{weights} is corrupt: sha256 {actual[:12]}... does not match the bundle's "
                           f"{str(section['sha256'])[:12]}...; copy the bundle again")
-    return section
+    return weights
 
 
 def load_bundle(directory: str | Path) -> Bundle:
@@ -141,13 +151,7 @@ def load_bundle(directory: str | Path) -> Bundle:
         raise BundleError(f"{meta_path} is not a {BUNDLE_FORMAT} bundle (format: "
                           f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     seg = meta.get("segmenter") or {}
-    weights = directory / str(seg.get("file", SEGMENTER_FILE))
-    if not weights.is_file():
-        raise BundleError(f"bundle {directory} is incomplete: {weights} is missing")
-    actual = sha256_file(weights)
-    if seg.get("sha256") and actual != seg["sha256"]:
-        raise BundleError(f"{weights} is corrupt: sha256 {actual[:12]}... does not match the bundle's "
-                          f"{str(seg['sha256'])[:12]}...; copy the bundle again")
+    _verified_file(directory, seg, SEGMENTER_FILE)
     try:
         cfg = SegmenterConfig.from_dict(seg.get("config") or {})
     except (TypeError, ValueError) as exc:

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from trainer.config_io import check_known, dataclass_from_dict, read_yaml_mapping
 from trainer.data.segmentation_dataset import AugmentConfig
 from trainer.labels import LabelMap
 from trainer.model import SegmenterConfig
@@ -55,10 +56,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> TrainConfig:
         data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config sections {unknown}; known: {sorted(known)}")
+        check_known(data, (f.name for f in fields(cls)), "config sections")
         labels = data.get("labels")
         if isinstance(labels, str):
             path = Path(labels)
@@ -71,13 +69,8 @@ class TrainConfig:
                                  ignore=list(labels.get("ignore") or []))
         else:
             label_map = LabelMap()
-        optim_data = data.get("train") or {}
-        optim_known = {f.name for f in fields(OptimConfig)}
-        bad = sorted(set(optim_data) - optim_known)
-        if bad:
-            raise ValueError(f"unknown train keys {bad}; known: {sorted(optim_known)}")
         return cls(model=SegmenterConfig.from_dict(data.get("model") or {}),
-                   train=OptimConfig(**optim_data),
+                   train=dataclass_from_dict(OptimConfig, data.get("train"), "train keys"),
                    augment=AugmentConfig.from_dict(data.get("augment")),
                    labels=label_map,
                    score_threshold=float(data.get("score_threshold", 0.5)))
@@ -89,10 +82,4 @@ def load_config(path: str | Path | None) -> TrainConfig:
         text = resources.files("trainer").joinpath("configs/segmenter-cpu.yaml").read_text()
         return TrainConfig.from_dict(yaml.safe_load(text) or {})
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"cannot read config {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a YAML mapping")
-    return TrainConfig.from_dict(data, base_dir=path.parent)
+    return TrainConfig.from_dict(read_yaml_mapping(path, "config"), base_dir=path.parent)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from trainer.config_io import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,7 @@ class SegmenterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SegmenterConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**data)
+        cfg = dataclass_from_dict(cls, data, "model config keys")
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {BACKBONES}")
         return cfg

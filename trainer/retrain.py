@@ -26,13 +26,12 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from trainer.config_io import check_known, dataclass_from_dict, read_yaml_mapping
 from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -116,36 +115,20 @@ class RetrainConfig:
         return out
 
 
-def _section(cls: type, data: Any, name: str) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ValueError(f"retrain config: '{name}' must be a mapping")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"retrain config: unknown keys {unknown} in '{name}'; known: {sorted(known)}")
-    return cls(**data)
-
-
 def load_retrain_config(path: str | Path) -> RetrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"retrain config {path} does not exist; start from trainer/configs/retrain.yaml")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"retrain config {path} is not a YAML mapping")
+    data = read_yaml_mapping(path, "retrain config")
     simple = {"data", "labels", "registry", "work_dir", "keep_last"}
     sections = {"cvat": CvatConfig, "split": SplitConfig, "segmenter": SegmenterStep,
                 "classifier": ClassifierStep, "gate": GateConfig}
-    unknown = sorted(set(data) - simple - set(sections))
-    if unknown:
-        raise ValueError(f"retrain config {path}: unknown keys {unknown}; known: {sorted(simple | set(sections))}")
+    check_known(data, simple | set(sections), f"keys in retrain config {path}")
     cfg = RetrainConfig(base_dir=path.resolve().parent, **{k: data[k] for k in simple if k in data})
     for key, cls in sections.items():
         if key == "cvat" and data.get("cvat") is None:
             continue
-        setattr(cfg, key, _section(cls, data.get(key), key))
+        setattr(cfg, key, dataclass_from_dict(cls, data.get(key), f"keys in retrain config section '{key}'"))
     if cfg.cvat is None and not cfg.data:
         raise ValueError(f"retrain config {path}: nothing to train on; give 'cvat' (tasks/projects) and/or 'data'")
     if not 0 < cfg.split.val_fraction < 1:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from trainer.config_io import check_known
+
 
 @dataclass
 class AugmentConfig:
@@ -35,9 +37,7 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> AugmentConfig:
         data = dict(data or {})
-        bad = sorted(set(data) - {f.name for f in fields(cls)})
-        if bad:
-            raise ValueError(f"unknown augment config keys {bad}; known: {[f.name for f in fields(cls)]}")
+        check_known(data, (f.name for f in fields(cls)), "augment config keys")
         for key in ("scale", "blur_sigma"):
             if key in data:
                 data[key] = tuple(float(v) for v in data[key])

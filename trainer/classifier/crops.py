@@ -14,11 +14,13 @@ normalisation, so neither the neighbouring red cells nor the background colour r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+
+from trainer.config_io import dataclass_from_dict
 
 #: Value that replaces the pixels outside the cell in masked crops.
 MASK_FILL = 128
@@ -44,12 +46,7 @@ class CropConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> CropConfig:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(data) - known)
-        if bad:
-            raise ValueError(f"unknown crop config keys {bad}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "crop config keys")
 
 
 @dataclass

@@ -8,11 +8,13 @@ milliseconds.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from trainer.config_io import dataclass_from_dict
 
 
 @dataclass
@@ -26,11 +28,7 @@ class NetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> NetConfig:
-        data = dict(data or {})
-        bad = sorted(set(data) - {f.name for f in fields(cls)})
-        if bad:
-            raise ValueError(f"unknown network config keys {bad}; known: {[f.name for f in fields(cls)]}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "network config keys")
 
 
 class GradientReversal(torch.autograd.Function):

@@ -55,6 +55,7 @@ from trainer.classifier.model import CellNet, NetConfig, grad_reverse, standardi
 from trainer.classifier.sources import CropSet
 from trainer.classifier.stain import METHODS as STAIN_METHODS
 from trainer.classifier.stain import StainNormalizer
+from trainer.config_io import check_known, dataclass_from_dict, read_yaml_mapping
 from trainer.data.types import DatasetError
 from trainer.labels import RVPBS_LABELS
 
@@ -64,15 +65,6 @@ DEFAULT_CONFIG = "classifier.yaml"
 
 
 # --- configuration -------------------------------------------------------------------------------------
-
-def _from_dict(cls: type, data: dict[str, Any] | None, section: str) -> Any:
-    data = dict(data or {})
-    known = {f.name for f in fields(cls)}
-    bad = sorted(set(data) - known)
-    if bad:
-        raise ValueError(f"unknown classifier config keys in '{section}': {bad}; known: {sorted(known)}")
-    return cls(**data)
-
 
 @dataclass
 class OptimConfig:
@@ -153,19 +145,21 @@ class ClassifierConfig:
     def from_dict(cls, data: dict[str, Any] | None, base_dir: Path | None = None) -> ClassifierConfig:
         data = dict(data or {})
         known = {f.name for f in fields(cls)}
-        bad = sorted(set(data) - known)
-        if bad:
-            raise ValueError(f"unknown classifier config sections {bad}; known: {sorted(known)}")
+        check_known(data, known, "classifier config sections")
         source_map = data.get("source_map")
         if source_map and base_dir is not None and not Path(source_map).is_absolute():
             candidate = base_dir / source_map
             source_map = str(candidate) if candidate.exists() else source_map
+
+        def section(kind: type, key: str) -> Any:
+            return dataclass_from_dict(kind, data.get(key), f"classifier config keys in '{key}'")
+
         return cls(crop=CropConfig.from_dict(data.get("crop")), net=NetConfig.from_dict(data.get("net")),
-                   train=_from_dict(OptimConfig, data.get("train"), "train"),
+                   train=section(OptimConfig, "train"),
                    augment=AugmentConfig.from_dict(data.get("augment")),
-                   dann=_from_dict(DannConfig, data.get("dann"), "dann"),
-                   protocol=_from_dict(ProtocolConfig, data.get("protocol"), "protocol"),
-                   merge=_from_dict(MergeConfig, data.get("merge"), "merge"),
+                   dann=section(DannConfig, "dann"),
+                   protocol=section(ProtocolConfig, "protocol"),
+                   merge=section(MergeConfig, "merge"),
                    stain_norm=str(data.get("stain_norm", "none")), source_map=source_map)
 
 
@@ -175,13 +169,7 @@ def load_classifier_config(path: str | Path | None) -> ClassifierConfig:
         text = resources.files("trainer").joinpath(f"configs/{DEFAULT_CONFIG}").read_text()
         return ClassifierConfig.from_dict(yaml.safe_load(text) or {})
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"cannot read classifier config {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"classifier config {path} must be a YAML mapping")
-    return ClassifierConfig.from_dict(data, base_dir=path.parent)
+    return ClassifierConfig.from_dict(read_yaml_mapping(path, "classifier config"), base_dir=path.parent)
 
 
 # --- data preparation ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ under a few GB of RSS whatever the dataset size.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import cv2
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from trainer.config_io import dataclass_from_dict
 from trainer.data.images import read_rgb, resize_to, target_scale
 from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord
 from trainer.labels import LabelMap
@@ -41,12 +42,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> AugmentConfig:
-        data = data or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown augmentation keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "augmentation keys")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
