@@ -131,6 +131,22 @@ def test_bundle_errors_name_the_file(tmp_path: Path) -> None:
         load_bundle(directory)
 
 
+def test_bundle_loads_the_weights_file_its_yaml_names(tmp_path: Path) -> None:
+    directory = _bundle(tmp_path)
+    expected = load_bundle(directory).build_segmenter().state_dict()
+    (directory / SEGMENTER_FILE).rename(directory / "segmenter-v2.pt")
+    meta = yaml.safe_load((directory / BUNDLE_FILE).read_text())
+    meta["segmenter"]["file"] = "segmenter-v2.pt"
+    (directory / BUNDLE_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    bundle = load_bundle(directory)
+    assert bundle.segmenter_path == directory / "segmenter-v2.pt"
+    loaded = bundle.build_segmenter().state_dict()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    (directory / "segmenter-v2.pt").unlink()
+    with pytest.raises(BundleError, match=r"segmenter-v2\.pt is missing"):
+        load_bundle(directory)
+
+
 def test_predictor_returns_each_cell_once(tmp_path: Path) -> None:
     """Cross-class NMS: an untrained model scores every class at every place; CVAT must get one shape per cell."""
     import numpy as np

@@ -296,7 +296,7 @@ class Cycle:
                 raise ValueError(f"the current bundle is a {bundle.model_config.backbone} model but the segmenter "
                                  f"config asks for {tcfg.model.backbone}; set segmenter.from_current: false to "
                                  "start over")
-            tcfg.model.weights = str(Path(current) / "model.pt")
+            tcfg.model.weights = str(bundle.segmenter_path)
             # a trained model needs a gentler start than random weights, or the first steps undo it
             tcfg.train.lr *= seg.finetune_lr_scale
             tcfg.train.warmup_steps = min(tcfg.train.warmup_steps, 10)

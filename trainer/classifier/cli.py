@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
+    from trainer.atomic import atomic_torch_save
+    from trainer.bundle import CLASSIFIER_FILE
     from trainer.classifier.evaluate import plot_confusion
     from trainer.classifier.infer import classifier_config
     from trainer.classifier.sources import load_target
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                                                  "evaluation_crops": len(exp.eval), "summary": summary},
                                provenance=provenance)
     state = {k: v.detach().cpu() for k, v in trained.model.state_dict().items()}
-    torch.save(state, args.out / "classifier.pt")
+    atomic_torch_save(state, args.out / CLASSIFIER_FILE)
     (args.out / "classifier.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"{method} (stain {cfg.stain_norm}, K={'all' if k is None else k}) on {len(exp.eval)} held-out target "
           f"crops: accuracy {summary['accuracy']['mean']:.3f} +- {summary['accuracy']['std']:.3f}, macro-F1 "
@@ -144,5 +146,5 @@ def run(args: argparse.Namespace) -> int:
         attach_classifier(args.bundle, state, config)
         print(f"classifier attached to the bundle {args.bundle}")
     else:
-        print(f"classifier: {args.out / 'classifier.pt'} (attach it to a segmenter bundle with --bundle)")
+        print(f"classifier: {args.out / CLASSIFIER_FILE} (attach it to a segmenter bundle with --bundle)")
     return 0

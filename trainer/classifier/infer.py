@@ -32,6 +32,7 @@ from trainer.classifier.crops import CropConfig, apply_mask, crop_instances
 from trainer.classifier.model import CellNet, NetConfig
 from trainer.classifier.stain import StainNormalizer, frame_stats
 from trainer.classifier.train import MergeConfig, TrainedClassifier, predict_proba
+from trainer.config_io import dataclass_from_dict
 
 if TYPE_CHECKING:
     from trainer.bundle import Bundle
@@ -103,7 +104,8 @@ class CellClassifier:
         model.load_state_dict(state_dict)
         return cls(model, classes, CropConfig.from_dict(config.get("crop")),
                    StainNormalizer.from_dict(config.get("stain")),
-                   MergeConfig(**(config.get("merge") or {})), tta=bool(config.get("tta", True)))
+                   dataclass_from_dict(MergeConfig, config.get("merge"), "classifier merge keys"),
+                   tta=bool(config.get("tta", True)))
 
     @classmethod
     def from_trained(cls, trained: TrainedClassifier) -> CellClassifier:
