@@ -38,8 +38,8 @@ def run_variant(name: str, bccd: str, out: str, runs: str, eval_every: int, max_
     from trainer.config import TrainConfig
     from trainer.data.bccd import load_bccd
     from trainer.evaluate import evaluate_bundle
-    from trainer.predict import Predictor
     from trainer.train_segmenter import train_segmenter
+    from wbc_core.detect import Predictor
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)

@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 from cvat_sync.client import CvatClient, RetryPolicy  # noqa: E402
 from cvat_sync.config import Secret, Settings  # noqa: E402
 from cvat_sync.pull import PullOptions, pull_tasks  # noqa: E402
-from cvat_sync.standin import StandinCVAT  # noqa: E402
-from trainer.labels import RVPBS_LABELS  # noqa: E402
+from tests.cvat_standin import StandinCVAT  # noqa: E402
 from trainer.synthetic import render_slide  # noqa: E402
+from wbc_core.labels import RVPBS_LABELS  # noqa: E402
 
 log = logging.getLogger("cvat_sync_bench")
 FAULTS = (("status", {"status": 500}), ("status", {"status": 502}), ("status", {"status": 503}),

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from cvat_sync.standin import StandinCVAT, task_from_dataset
+    from tests.cvat_standin import StandinCVAT, task_from_dataset
     from trainer.registry import Registry
     from trainer.synthetic import generate_task
 

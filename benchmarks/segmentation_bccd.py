@@ -32,9 +32,9 @@ import torch
 from trainer.config import load_config
 from trainer.data.bccd import WBC_LABEL, load_bccd
 from trainer.evaluate import evaluate_bundle, summary_line
-from trainer.labels import LabelMap
-from trainer.predict import Predictor
 from trainer.train_segmenter import git_sha, train_segmenter
+from wbc_core.detect import Predictor
+from wbc_core.labels import LabelMap
 
 log = logging.getLogger("segmentation_bccd")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 CHILD = r"""
 import sys
 from trainer.config import load_config
-from trainer.data.loader import load_dataset
+from wbc_core.data.loader import load_dataset
 from trainer.train_segmenter import train_segmenter
 task, out, frames = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = load_config(None)

@@ -15,10 +15,7 @@ from cvat_sync.store import StoreError, read_provenance
 
 log = logging.getLogger("cvat_sync")
 
-DESCRIPTION = """\
-Pull annotated tasks from a CVAT server into datasets the trainer reads
-(python -m trainer train-segmenter --data OUT/task-12).
-
+CONNECTION = """
 The server and credentials come from the environment or a config file readable only by you
 (chmod 600), never from the command line:
   CVAT_URL=https://cvat.example.org
@@ -29,6 +26,29 @@ The server and credentials come from the environment or a config file readable o
 Config file: --config FILE, $CVAT_SYNC_CONFIG or ~/.config/cvat_sync/config.yaml (same keys in
 lower case without CVAT_: url, access_token, token, username, password, org, ca_bundle, out, jobs).
 """
+
+DESCRIPTION = """\
+Pull annotated tasks from a CVAT server into datasets the trainer reads
+(python -m trainer train-segmenter --data OUT/task-12).
+""" + CONNECTION
+
+PULL_DESCRIPTION = """\
+Pull tasks (or every task of a project) from CVAT: the frames of admitted jobs at original quality
+and their annotations, written as OUT/task-N/ (images/, annotations/instances_default.json in COCO 1.0,
+cvat_sync.json provenance). Incremental (an unchanged task is not downloaded again; unchanged frames
+are reused), resumable, and never half-written: the new dataset is swapped in only when complete.
+""" + CONNECTION
+
+LIST_DESCRIPTION = """\
+List the tasks the server shows you (id, name, project, frames, completed jobs, last update).
+Reads from the server only; writes nothing.
+""" + CONNECTION
+
+STATUS_DESCRIPTION = """\
+Show the datasets pulled under --out (task, frames, shapes, job filter, when and from where), read
+from their cvat_sync.json; with --check, also ask the server whether each task changed since. Writes
+nothing.
+""" + CONNECTION
 
 EPILOG = """\
 examples:
@@ -59,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cvat_sync", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("pull", help="pull tasks into local datasets (incremental, resumable)", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = sub.add_parser("pull", help="pull tasks into local datasets (incremental, resumable)",
+                       description=PULL_DESCRIPTION, formatter_class=raw, epilog=EPILOG)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", type=int, action="append", metavar="ID", help="task id (repeatable)")
     what.add_argument("--project", type=int, metavar="ID", help="every task of this project")
@@ -72,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--via", choices=("api", "export"), default="api",
                    help="api: annotations JSON + frames (default, incremental); export: a CVAT dataset export zip")
     p.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, default="COCO 1.0",
-                   help="export format for --via export")
+                   help="export format for --via export (default: COCO 1.0)")
     p.add_argument("--dry-run", action="store_true", help="show what would be pulled; write nothing")
     p.add_argument("--workers", type=int, default=8, help="parallel frame downloads (default 8)")
     p.add_argument("--labels", type=Path, help="the trainer's label-map YAML to check labels against "
@@ -84,11 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _connection_args(p)
 
-    ls = sub.add_parser("list", help="tasks on the server with their job states")
+    ls = sub.add_parser("list", help="tasks on the server with their job states", description=LIST_DESCRIPTION,
+                        formatter_class=raw, epilog=EPILOG)
     ls.add_argument("--project", type=int, help="only this project's tasks")
     _connection_args(ls)
 
-    st = sub.add_parser("status", help="local datasets, and with --check whether the server has changes")
+    st = sub.add_parser("status", help="local datasets, and with --check whether the server has changes",
+                        description=STATUS_DESCRIPTION, formatter_class=raw, epilog=EPILOG)
     st.add_argument("--out", type=Path, help="dataset folder (default: 'out' in the config, else data/cvat)")
     st.add_argument("--check", action="store_true", help="ask the server whether each task changed since its pull")
     _connection_args(st)
@@ -130,7 +153,7 @@ def _summary(reports: list[TaskReport]) -> str:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from trainer.labels import LabelMap
+    from wbc_core.labels import LabelMap
 
     settings = _settings(args)
     options = PullOptions(out=args.out or settings.out, jobs=args.jobs or settings.jobs, via=args.via,

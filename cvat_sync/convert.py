@@ -9,17 +9,24 @@ Pure functions, no HTTP. Shapes (CVAT 2.x, see the 2.23.1 captures):
 
 Other shape types (points, polylines, ellipses, skeletons) and tracks carry no cell outline usable for
 training; they are counted and reported, not converted.
+
+Shape attributes come as ``[{spec_id, value}]``; they are stored by attribute *name* (from the task's labels,
+``GET /api/labels?task_id=``), as a dataset export stores them, so both ways of pulling give the same
+``Instance.attributes``. An id the labels do not declare is kept as ``"attribute <id>"`` (and reported).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from trainer.data.masks import cvat_rle_decode
-from trainer.data.types import Instance
+from wbc_core.data.masks import cvat_rle_decode
+from wbc_core.data.types import Instance
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = ("polygon", "mask", "rectangle")
 
@@ -34,14 +41,51 @@ class Converted:
 
     frames: dict[int, list[Instance]] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
+    unknown_attributes: Counter[int | str] = field(default_factory=Counter)  # attribute id -> values kept
 
 
-def shape_to_instance(shape: dict, label: str) -> Instance:
-    """One CVAT API shape as an :class:`Instance` (raises :class:`ShapeError`)."""
+def label_attribute_names(labels: list[dict]) -> dict[int, str]:
+    """Attribute id -> name over a task's labels (``GET /api/labels`` results: ``attributes: [{id, name}]``)."""
+    names: dict[int, str] = {}
+    for label in labels:
+        for attr in label.get("attributes") or []:
+            try:
+                names[int(attr["id"])] = str(attr["name"])
+            except (KeyError, TypeError, ValueError):
+                continue
+    return names
+
+
+def unknown_attribute_key(spec_id: object) -> str:
+    return f"attribute {spec_id}"
+
+
+def shape_attributes(shape: dict, names: dict[int, str] | None, unknown: Counter | None = None) -> dict[str, str]:
+    """A shape's ``[{spec_id, value}]`` as ``{name: value}``; an id not in ``names`` stays under
+    ``"attribute <id>"`` (and is counted in ``unknown``)."""
+    out: dict[str, str] = {}
+    for attr in shape.get("attributes") or []:
+        spec_id = attr.get("spec_id")
+        try:
+            name = (names or {}).get(int(spec_id))
+        except (TypeError, ValueError):
+            name = None
+        if name is None:
+            name = unknown_attribute_key(spec_id)
+            if unknown is not None:
+                unknown[spec_id] += 1
+        out[name] = str(attr.get("value"))
+    return out
+
+
+def shape_to_instance(shape: dict, label: str, attribute_names: dict[int, str] | None = None,
+                      unknown_attributes: Counter | None = None) -> Instance:
+    """One CVAT API shape as an :class:`Instance` (raises :class:`ShapeError`). ``attribute_names`` maps
+    attribute ids to names (see :func:`shape_attributes`)."""
     kind = shape.get("type")
     points = [float(v) for v in shape.get("points") or []]
     where = f"shape {shape.get('id')} ({kind}, frame {shape.get('frame')})"
-    attributes = {str(a.get("spec_id")): str(a.get("value")) for a in shape.get("attributes") or []}
+    attributes = shape_attributes(shape, attribute_names, unknown_attributes)
     common = {"label": label, "occluded": bool(shape.get("occluded", False)),
               "source": str(shape.get("source") or "manual"), "attributes": attributes}
     if kind == "polygon":
@@ -68,12 +112,14 @@ def shape_to_instance(shape: dict, label: str) -> Instance:
     raise ShapeError(f"{where}: unsupported shape type {kind!r}")
 
 
-def convert_annotations(annotations: dict, label_names: dict[int, str], frames: set[int] | None = None
-                        ) -> Converted:
+def convert_annotations(annotations: dict, label_names: dict[int, str], frames: set[int] | None = None,
+                        attribute_names: dict[int, str] | None = None) -> Converted:
     """Shapes of an annotations response grouped by frame, for ``frames`` only (all when None).
 
-    ``label_names`` maps CVAT label ids to names. Shapes of unknown labels, unsupported types, broken
-    geometry, and all tracks are counted in ``skipped`` under a reason.
+    ``label_names`` maps CVAT label ids to names, ``attribute_names`` attribute ids to names (see
+    :func:`label_attribute_names`). Shapes of unknown labels, unsupported types, broken geometry, and all tracks
+    are counted in ``skipped`` under a reason. Attribute ids the labels do not declare are kept as
+    ``"attribute <id>"``, counted in ``unknown_attributes`` and logged once (one warning per call).
     """
     out = Converted()
     for shape in annotations.get("shapes") or []:
@@ -88,7 +134,7 @@ def convert_annotations(annotations: dict, label_names: dict[int, str], frames: 
             out.skipped[f"{shape.get('type')} shapes (no cell outline)"] += 1
             continue
         try:
-            instance = shape_to_instance(shape, name)
+            instance = shape_to_instance(shape, name, attribute_names, out.unknown_attributes)
         except ShapeError:
             out.skipped["shapes with broken geometry"] += 1
             continue
@@ -96,4 +142,9 @@ def convert_annotations(annotations: dict, label_names: dict[int, str], frames: 
     tracks = annotations.get("tracks") or []
     if tracks:
         out.skipped["tracks (video annotation)"] += len(tracks)
+    if out.unknown_attributes:
+        log.warning("attribute id(s) %s are not declared by the task's labels; their values are kept as %s "
+                    "(%d values)", sorted(out.unknown_attributes, key=str),
+                    ", ".join(repr(unknown_attribute_key(k)) for k in sorted(out.unknown_attributes, key=str)),
+                    sum(out.unknown_attributes.values()))
     return out

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cvat_sync.client import CvatClient, CvatError, NotFound
-from cvat_sync.convert import convert_annotations
+from cvat_sync.convert import convert_annotations, label_attribute_names
 from cvat_sync.export import download_export
 from cvat_sync.store import (
     FORMAT,
@@ -43,9 +43,9 @@ from cvat_sync.store import (
     task_dir,
     task_lock,
 )
-from trainer.data.coco import write_coco
-from trainer.data.types import AnnotatedDataset, ImageRecord, Instance
-from trainer.labels import LabelMap
+from wbc_core.data.coco import write_coco
+from wbc_core.data.types import AnnotatedDataset, ImageRecord, Instance
+from wbc_core.labels import LabelMap
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ class Puller:
             log.info("task %d (%s): unchanged since %s", task_id, report.name, previous.get("pulled_at"))
             return
 
-        labels = {int(lab["id"]): str(lab["name"]) for lab in
-                  client.paginate("/api/labels", {"task_id": task_id}, what=f"labels of {what}")}
+        task_labels = list(client.paginate("/api/labels", {"task_id": task_id}, what=f"labels of {what}"))
+        labels = {int(lab["id"]): str(lab["name"]) for lab in task_labels}
         meta = client.get_json(f"/api/tasks/{task_id}/data/meta", what=f"frame list of {what}")
         frames_meta = meta.get("frames") or []
         deleted = {int(f) for f in meta.get("deleted_frames") or []}
@@ -203,7 +203,8 @@ class Puller:
             instances, export_images = self._via_export(task_id, task, frames_meta, set(numbers), report)
         else:
             annotations = client.get_json(f"/api/tasks/{task_id}/annotations", what=f"annotations of {what}")
-            converted = convert_annotations(annotations, labels, set(numbers))
+            converted = convert_annotations(annotations, labels, set(numbers),
+                                            attribute_names=label_attribute_names(task_labels))
             instances, export_images = converted.frames, None
             report.skipped_shapes.update(converted.skipped)
 
@@ -352,7 +353,7 @@ class Puller:
     def _via_export(self, task_id: int, task: dict, frames_meta: list[dict], numbers: set[int],
                     report: TaskReport) -> tuple[dict[int, list[Instance]], dict[str, Path]]:
         """Instances per frame number and extracted frame files, from a CVAT dataset export zip."""
-        from trainer.data.loader import read_any
+        from wbc_core.data.loader import read_any
 
         if self.opts.export_format not in EXPORT_FORMATS:
             raise PullError(f"--format must be one of {EXPORT_FORMATS}, not {self.opts.export_format!r}")

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from trainer.atomic import LockHeld, atomic_write_bytes, pid_lock, sha256_file
+from wbc_core.atomic import LockHeld, atomic_write_bytes, pid_lock, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -69,20 +69,6 @@ def request_body(image: bytes, threshold: float | None) -> bytes:
     return json.dumps(payload).encode()
 
 
-def _cells_from_results(results: list[dict]) -> list:
-    """Results back into pipeline ``Cell`` objects (for the overlay), decoded with CVAT's rules."""
-    from trainer.data.masks import decode_cvat_function_mask
-    from trainer.predict import Cell
-
-    cells = []
-    for item in results:
-        crop, (xtl, ytl, xbr, ybr) = decode_cvat_function_mask(item["mask"])
-        cells.append(Cell(label=item["label"], score=float(item.get("confidence") or 0.0),
-                          box=(float(xtl), float(ytl), float(xbr + 1), float(ybr + 1)), mask_crop=crop,
-                          origin=(xtl, ytl)))
-    return cells
-
-
 def _unique_stem(path: Path, used: set[str]) -> str:
     stem, n = path.stem, 1
     while stem in used:
@@ -93,13 +79,12 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from serverless import main as function
-    from serverless.model_handler import decode_image, probe_image
-    from trainer.data.cvat_xml import write_cvat_xml
-    from trainer.data.types import AnnotatedDataset, ImageRecord, Instance
-    from trainer.overlay import draw_overlay, save_png
+    from serverless.model_handler import BadRequest, decode_image, probe_image
+    from wbc_core.cvat_json import detection_to_cvat_json
+    from wbc_core.data.cvat_xml import write_cvat_xml
+    from wbc_core.data.types import AnnotatedDataset, ImageRecord
+    from wbc_core.overlay import draw_overlay, save_png
 
     if args.bundle is None:
         raise SystemExit(f"no model bundle: pass --bundle DIR or set {function.BUNDLE_ENV}")
@@ -111,39 +96,59 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[ImageRecord] = []
     used: set[str] = set()
-    failed = 0
+    failed = empty = 0
     for path in args.images:
         try:
             data = path.read_bytes()
+            detection = model.detect(data, args.threshold)
         except OSError as exc:
             log.error("%s: cannot read (%s)", path, exc)
             failed += 1
             continue
-        response = function.handler(context, build_event(request_body(data, args.threshold)))
-        if response.status_code != 200:
-            log.error("%s: HTTP %d %s", path, response.status_code, response.body)
+        except BadRequest as exc:
+            log.error("%s: %s", path, exc.message)
             failed += 1
             continue
         stem = _unique_stem(path, used)
-        (args.out / f"{stem}.json").write_text(response.body)
-        results = json.loads(response.body)
+        (args.out / f"{stem}.json").write_text(detection_to_cvat_json(detection, model.attributes))
+        instances = [cell.to_instance() for cell in detection.cells]
+        records.append(ImageRecord(name=path.name, width=detection.width, height=detection.height,
+                                   instances=instances, frame_id=len(records)))
         info = probe_image(data)
-        instances = [Instance(label=r["label"], polygon=np.asarray(r["points"], dtype=np.float64).reshape(-1, 2),
-                              source="auto", score=float(r["confidence"])) for r in results]
-        records.append(ImageRecord(name=path.name, width=info.width, height=info.height, instances=instances,
-                                   frame_id=len(records)))
         picture = decode_image(data, info, min_long_side=1008)
-        save_png(draw_overlay(picture, [], _cells_from_results(results), info.width, info.height),
+        save_png(draw_overlay(picture, [], detection.cells, detection.width, detection.height),
                  args.out / f"{stem}_overlay.png")
-        log.info("%s: %d cells", path, len(results))
+        if detection.cells:
+            log.info("%s: %d cells%s", path, len(detection.cells),
+                     f" (capped: {detection.capped} more not returned)" if detection.capped else "")
+        else:
+            empty += 1
+            log.warning("%s: no cells: %s", path, detection.empty_reason)
     if records:
-        dataset = AnnotatedDataset(images=records, labels=model.classes, source="wbc-maskrcnn",
-                                   meta={"label_types": dict.fromkeys(model.classes, "polygon")})
+        dataset = AnnotatedDataset(images=records, labels=model.labels, source="wbc-maskrcnn",
+                                   meta={"label_types": dict.fromkeys(model.labels, "polygon")})
         write_cvat_xml(dataset, args.out / "annotations.xml", task_name="wbc-maskrcnn pre-annotations")
     cells = sum(len(r.instances) for r in records)
     print(f"{len(records)} slides, {cells} cells -> {args.out} (annotations.xml, <stem>.json, <stem>_overlay.png)"
+          + (f"; {empty} slides with no cell (see the log for why)" if empty else "")
           + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from serverless.spec import write_spec
+    from wbc_core.bundle import load_bundle
+    from wbc_core.contract import default_contract, spec_json
+
+    contract = load_bundle(args.bundle).contract if args.bundle else default_contract()
+    if not args.write:
+        print(spec_json(contract.spec()))
+        return 0
+    for path in args.write:
+        changed = write_spec(path, contract)
+        print(f"{path}: {'spec written' if changed else 'spec already up to date'} "
+              f"({len(contract.labels)} labels, attributes {sorted(contract.attribute_names)})")
+    return 0
 
 
 def _threshold(text: str) -> float:
@@ -173,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="score threshold in (0, 1], sent like CVAT's threshold (default: the bundle's)")
     annotate.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     annotate.set_defaults(func=cmd_annotate)
+    spec = sub.add_parser(
+        "spec", help="print or write the CVAT label spec of function.yaml from a model bundle",
+        description="The function's CVAT label spec (metadata.annotations.spec: label names, type mask, attributes) "
+                    "computed from a model bundle: the labels it can return and the attributes on its cells. "
+                    "Without --bundle, the default bundle config (the 10 RV-PBS classes with a crop classifier), "
+                    "which the committed function.yaml and function-gpu.yaml hold. deploy.sh writes it from the "
+                    "bundle it deploys.",
+        epilog="examples:\n  python -m serverless spec --bundle runs/seg1/bundle\n"
+               "  python -m serverless spec --write function.yaml function-gpu.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    spec.add_argument("--bundle", type=Path, help="model bundle folder (default: the default bundle config)")
+    spec.add_argument("--write", type=Path, nargs="+", metavar="YAML",
+                      help="rewrite the spec block of these function yaml files in place (default: print the spec)")
+    spec.set_defaults(func=cmd_spec)
     return parser
 
 

@@ -21,11 +21,14 @@ Builds and deploys the Nuclio function "wbc-maskrcnn" (CVAT detector, project "c
 
 What gets built: a staging folder that Nuclio copies to /opt/nuclio in the image:
   main.py                      (serverless/main.py; handler main:handler)
-  serverless/, trainer/        (the packages main.py imports; /opt/nuclio is on the import path)
-  function.yaml | function-gpu.yaml
+  wbc_core/, serverless/       (the serving core and the function; nothing of trainer/ or cvat_sync/)
+  pyproject.toml, README.md    (the image installs ".[serve]" under serverless/constraints-serve.txt)
+  function.yaml | function-gpu.yaml, its label spec written from the bundle's classes and attributes
+                               (python -m serverless spec), so CVAT is told exactly the labels it returns
   bundle/                      (copy of BUNDLE_DIR; WBC_BUNDLE_DIR=/opt/nuclio/bundle) unless --mount
 
-Environment: NUCTL (nuctl binary, default 'nuctl'), CVAT_NETWORK (default cvat_cvat),
+Environment: PYTHON (a Python with this project installed, default python3; writes the spec),
+NUCTL (nuctl binary, default 'nuctl'), CVAT_NETWORK (default cvat_cvat),
 NUCLIO_PROJECT (default cvat; CVAT sends x-nuclio-project-name: cvat).
 The nuctl version must match the Nuclio dashboard image of docker-compose.serverless.yml.
 EOF
@@ -52,6 +55,7 @@ done
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 NUCTL="${NUCTL:-nuctl}"
+PYTHON="${PYTHON:-python3}"
 NETWORK="${CVAT_NETWORK:-cvat_cvat}"
 PROJECT="${NUCLIO_PROJECT:-cvat}"
 FUNCTION=wbc-maskrcnn
@@ -79,9 +83,13 @@ fi
 # --- stage the build context (what Nuclio copies to /opt/nuclio) -----------------------------------
 STAGE="$(mktemp -d "${TMPDIR:-/tmp}/wbc-maskrcnn.XXXXXX")"
 trap 'rm -rf "$STAGE"' EXIT
-tar -C "$REPO" --exclude='__pycache__' --exclude='*.pyc' -cf - trainer serverless | tar -C "$STAGE" -xf -
+tar -C "$REPO" --exclude='__pycache__' --exclude='*.pyc' -cf - wbc_core serverless pyproject.toml README.md \
+    | tar -C "$STAGE" -xf -
 cp "$REPO/serverless/main.py" "$STAGE/main.py"
 cp "$REPO/$YAML" "$STAGE/$YAML"
+# the label spec CVAT reads, from the bundle being deployed (its classes, and its classifier's attributes)
+(cd "$REPO" && "$PYTHON" -m serverless spec --bundle "$BUNDLE" --write "$STAGE/$YAML") \
+    || die "cannot write the label spec from $BUNDLE (is the project installed for $PYTHON? set PYTHON=...)"
 VOLUME_ARGS=()
 if [[ "$REGISTRY" == 1 ]]; then
     BUNDLE_IN_IMAGE=/models/current

@@ -10,7 +10,7 @@
    images under :data:`MIN_SIDE` px and decompression bombs over :data:`MAX_PIXELS`. A truncated
    JPEG is refused by the decoder itself (libjpeg through PIL, which, unlike OpenCV, does not hand
    back a half-grey image).
-3. :class:`ModelHandler` runs :class:`trainer.predict.Predictor`, the pipeline evaluation and the
+3. :class:`ModelHandler` runs :class:`wbc_core.detect.Predictor`, the pipeline evaluation and the
    benchmarks use. JPEGs go through ``predict_bytes`` (OpenCV's reduced-size JPEG decode, EXIF
    orientation applied); PNG/BMP/TIFF/WebP are decoded with PIL (EXIF orientation applied; grey,
    palette, RGBA and 16-bit images become 8-bit RGB).
@@ -42,10 +42,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from trainer.bundle import BUNDLE_FILE, CLASSIFIER_FILE, SEGMENTER_FILE, Bundle
-from trainer.data.images import ImageReadError, decode_rgb
-from trainer.data.masks import cvat_function_mask_json, mask_to_polygon
-from trainer.predict import Cell, Prediction, Predictor
+from wbc_core.bundle import BUNDLE_FILE, CLASSIFIER_FILE, SEGMENTER_FILE, Bundle
+from wbc_core.contract import Contract, check_spec, spec_attribute_names
+from wbc_core.cvat_json import detection_to_cvat_json
+from wbc_core.data.images import ImageReadError, decode_rgb, pil_to_rgb8
+from wbc_core.detect import Detection, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ log = logging.getLogger(__name__)
 MIN_SIDE = 32
 #: Largest accepted image (declared width x height). RV-PBS photos are 12.2 MP.
 MAX_PIXELS = 120_000_000
-#: Douglas-Peucker tolerance (px) of the returned polygons; cells are 600-1300 px across.
-POLYGON_TOLERANCE = 2.0
 #: PIL format names accepted (MPO: iPhone/Android JPEGs with an embedded depth/preview image).
 JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "TIFF", "WEBP"})
@@ -222,21 +221,6 @@ def probe_image(data: bytes) -> ImageInfo:
     return ImageInfo(fmt, width, height)
 
 
-def _to_rgb8(img: Image.Image) -> np.ndarray:
-    """Any PIL image as 8-bit RGB; 16/32-bit and float greys are scaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img)
-        if arr.dtype.kind == "f":
-            top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 65535.0
-        else:
-            top = 65535.0 if img.mode.startswith("I;16") or int(arr.max(initial=0)) > 255 else 255.0
-        grey = np.clip(np.nan_to_num(arr.astype(np.float64)) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
-    if img.mode != "RGB":
-        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA", "LA") else img.convert("RGB")
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
-
-
 def decode_image(data: bytes, info: ImageInfo | None = None, min_long_side: int | None = None) -> np.ndarray:
     """Decode an upload to RGB uint8 with EXIF orientation applied (raises :class:`BadRequest`).
 
@@ -255,77 +239,9 @@ def decode_image(data: bytes, info: ImageInfo | None = None, min_long_side: int 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                return _to_rgb8(ImageOps.exif_transpose(img))
+                return pil_to_rgb8(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadRequest(f"{info.format} image is truncated or corrupt ({exc}); upload the complete file") from exc
-
-
-# --- results ------------------------------------------------------------------------------
-
-def _frame_crop(cell: Cell, width: int, height: int) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """The part of the cell's mask crop inside the frame, with its (left, top) in the frame."""
-    left, top = (int(v) for v in cell.origin)
-    crop = np.asarray(cell.mask_crop, dtype=bool)
-    x0, y0 = max(left, 0), max(top, 0)
-    x1, y1 = min(left + crop.shape[1], width), min(top + crop.shape[0], height)
-    if x1 <= x0 or y1 <= y0:
-        return None
-    return crop[y0 - top:y1 - top, x0 - left:x1 - left], (x0, y0)
-
-
-def cell_to_cvat_json(cell: Cell, width: int, height: int, tolerance: float = POLYGON_TOLERANCE,
-                      attributes: frozenset[str] = frozenset()) -> str | None:
-    """One cell as the JSON text of a CVAT detector ``mask`` result, or None when it has no mask or
-    no polygon of at least 3 vertices.
-
-    Keys: ``confidence`` (a string), ``label``, ``type: "mask"``, ``points`` (polygon, frame px) and
-    ``mask`` = the flat 0/255 tight crop + inclusive ``[xtl, ytl, xbr, ybr]`` in frame coordinates, and
-    ``attributes`` (``[{"name", "value"}]``, strings) for the cell attributes in ``attributes`` (the spec's).
-    The mask is written as text directly (:func:`cvat_function_mask_json`): it is by far the largest
-    part of the response.
-    """
-    placed = _frame_crop(cell, width, height)
-    if placed is None:
-        return None
-    crop, (left, top) = placed
-    polygon = mask_to_polygon(crop, tolerance=tolerance, offset=(left, top))
-    mask = cvat_function_mask_json(crop, offset=(left, top))
-    if polygon is None or mask is None:
-        return None
-    item: dict[str, Any] = {
-        "confidence": str(round(float(cell.score), 4)),
-        "label": cell.label,
-        "type": "mask",
-        "points": [round(float(v), 2) for v in polygon.reshape(-1)],
-    }
-    declared = [{"name": k, "value": str(v)} for k, v in cell.attributes.items() if k in attributes]
-    if declared:  # CVAT rejects attributes its spec does not declare
-        item["attributes"] = declared
-    head = json.dumps(item)
-    return head[:-1] + ', "mask": ' + mask + "}"
-
-
-def to_cvat_json(prediction: Prediction, threshold: float | None = None,
-                 tolerance: float = POLYGON_TOLERANCE, attributes: frozenset[str] = frozenset()) -> tuple[str, int]:
-    """The response body CVAT gets (a JSON list, highest score first) and how many shapes it holds.
-
-    Cells scoring under ``threshold`` (when given) and cells without a mask or a polygon of at
-    least 3 vertices are left out.
-    """
-    items = []
-    for cell in sorted(prediction.cells, key=lambda c: -c.score):
-        if threshold is not None and cell.score < threshold:
-            continue
-        item = cell_to_cvat_json(cell, prediction.width, prediction.height, tolerance, attributes)
-        if item is not None:
-            items.append(item)
-    return "[" + ", ".join(items) + "]", len(items)
-
-
-def to_cvat_results(prediction: Prediction, threshold: float | None = None,
-                    tolerance: float = POLYGON_TOLERANCE) -> list[dict]:
-    """:func:`to_cvat_json` as Python objects."""
-    return json.loads(to_cvat_json(prediction, threshold, tolerance)[0])
 
 
 def _json_response(context: Any, payload: Any, status_code: int) -> Any:
@@ -343,27 +259,48 @@ class ModelHandler:
     changed, a new :class:`Predictor` is loaded from the real path (checksums verified), warmed up and
     swapped in; the request that noticed pays for that. If the new bundle cannot be loaded (half
     copied, corrupt), one error line is logged and the old model keeps serving; it is tried again only
-    once the identity changes again.
+    once the identity changes again. A new bundle that could return labels the function's spec does not
+    declare is refused the same way (CVAT would drop those shapes).
+
+    ``spec``: the function's label spec (``function.yaml``'s ``annotations.spec``). The bundle is checked
+    against it (:class:`wbc_core.contract.SpecMismatch` at start-up), and only the attributes it declares are
+    returned. None: no check, every attribute of the bundle's contract.
     """
 
     def __init__(self, bundle: str | Path | Bundle, device: str | None = None, reload_seconds: float | None = None,
-                 warmup_on_reload: bool = True) -> None:
+                 warmup_on_reload: bool = True, spec: list[dict[str, Any]] | None = None) -> None:
         self.bundle_dir = Path(bundle.directory if isinstance(bundle, Bundle) else bundle)
         self.device = device
         self.reload_seconds = reload_interval() if reload_seconds is None else float(reload_seconds)
         self.warmup_on_reload = warmup_on_reload
         identity = bundle_identity(self.bundle_dir)  # taken first: a change during the load is seen next time
+        self.spec = spec
         self.predictor = Predictor(bundle if isinstance(bundle, Bundle) else identity[0], device=device)
+        self._check_spec(self.predictor.bundle.contract)
         self._served = identity   # identity of the bundle being served
         self._seen = identity     # last identity tried (served, or failed to load)
         self._next_check = time.monotonic() + max(self.reload_seconds, 0.0)
         self.last_reload_error: str | None = None
-        self.attributes: frozenset[str] = frozenset()  # cell attributes returned to CVAT (those the spec declares)
         self.last_timings: dict[str, float] = {}
+
+    def _check_spec(self, contract: Contract) -> None:
+        if self.spec is not None:
+            check_spec(contract, self.spec)
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        """The cell attributes returned to CVAT: those the spec declares (all of the bundle's without a spec)."""
+        names = self.predictor.bundle.contract.attribute_names
+        return names if self.spec is None else names & spec_attribute_names(self.spec)
 
     @property
     def classes(self) -> list[str]:
         return list(self.predictor.classes)
+
+    @property
+    def labels(self) -> list[str]:
+        """Every label the served bundle can return (its contract)."""
+        return list(self.predictor.bundle.contract.labels)
 
     @property
     def default_threshold(self) -> float:
@@ -377,7 +314,7 @@ class ModelHandler:
     @staticmethod
     def _warmup(predictor: Predictor) -> None:
         size = (predictor.min_size, predictor.max_size, 3)
-        predictor.predict(np.zeros(size, dtype=np.uint8), threshold=1.0)
+        predictor.detect(np.zeros(size, dtype=np.uint8), threshold=1.0)
 
     def warmup(self) -> None:
         """One inference on a blank frame, so the first real request does not pay for lazy init."""
@@ -403,6 +340,7 @@ class ModelHandler:
                 return False
             self._seen = identity
             predictor = Predictor(identity[0], device=self.device)
+            self._check_spec(predictor.bundle.contract)
             if self.warmup_on_reload:
                 self._warmup(predictor)
         except Exception as exc:
@@ -419,37 +357,37 @@ class ModelHandler:
                     f"default_threshold={predictor.default_threshold}")
         return True
 
-    def predict(self, data: bytes, threshold: float | None = None) -> Prediction:
-        """Validate and decode an upload, then run the pipeline (raises :class:`BadRequest`)."""
+    def detect(self, data: bytes, threshold: float | None = None) -> Detection:
+        """Validate and decode an upload, then run the ``detect`` contract (raises :class:`BadRequest`)."""
         predictor = self.predictor  # one model for the whole request
         info = probe_image(data)
         if info.format in JPEG_FORMATS:
             try:
-                return predictor.predict_bytes(data, threshold)
+                return predictor.detect(data, threshold)
             except ImageReadError as exc:
                 raise BadRequest(str(exc)) from exc
         t0 = time.perf_counter()
         image = decode_image(data, info)
-        prediction = predictor.predict(image, threshold)
-        prediction.timings["decode"] = time.perf_counter() - t0 - sum(prediction.timings.values())
-        return prediction
+        detection = predictor.detect(image, threshold)
+        detection.timings["decode"] = time.perf_counter() - t0 - sum(detection.timings.values())
+        return detection
 
-    def infer(self, body: dict | bytes | bytearray | str | None) -> tuple[str, int]:
-        """Request body -> (CVAT results as JSON text, number of shapes); raises :class:`BadRequest`.
+    def infer(self, body: dict | bytes | bytearray | str | None) -> tuple[str, Detection]:
+        """Request body -> (CVAT results as JSON text, the detection); raises :class:`BadRequest`.
 
         :attr:`last_timings` then holds the seconds spent in each stage of this request: ``parse``
         (JSON + base64), ``decode``, ``resize``, ``model``, ``masks`` (upsampling to native
-        resolution) and ``encode`` (polygons + CVAT mask JSON).
+        resolution), ``classify``, ``polygons`` and ``encode`` (CVAT mask JSON).
         """
         self.last_timings = {}
         t0 = time.perf_counter()
         data, threshold = parse_request(body)
         parse = time.perf_counter() - t0
-        prediction = self.predict(data, threshold)
+        detection = self.detect(data, threshold)
         t1 = time.perf_counter()
-        text, count = to_cvat_json(prediction, threshold, attributes=self.attributes)
-        self.last_timings = {"parse": parse, **prediction.timings, "encode": time.perf_counter() - t1}
-        return text, count
+        text = detection_to_cvat_json(detection, self.attributes)
+        self.last_timings = {"parse": parse, **detection.timings, "encode": time.perf_counter() - t1}
+        return text, detection
 
     def handle(self, context: Any, event: Any) -> Any:
         """Serve one Nuclio event; always returns a ``context.Response`` (never a bare list).
@@ -458,7 +396,7 @@ class ModelHandler:
         self.maybe_reload(context.logger)
         start = time.perf_counter()
         try:
-            body, count = self.infer(event.body)
+            body, detection = self.infer(event.body)
         except BadRequest as exc:
             context.logger.warn_with("bad request", error=exc.message)
             return _json_response(context, {"error": exc.message}, 400)
@@ -467,5 +405,9 @@ class ModelHandler:
                                       traceback=traceback.format_exc())
             return _json_response(context, {"error": f"internal error ({type(exc).__name__}) while annotating "
                                                      "the image; see the function logs"}, 500)
-        context.logger.info_with("annotated", shapes=count, ms=round((time.perf_counter() - start) * 1000, 1))
+        ms = round((time.perf_counter() - start) * 1000, 1)
+        if detection.cells:
+            context.logger.info_with("annotated", shapes=len(detection.cells), capped=detection.capped, ms=ms)
+        else:
+            context.logger.info_with("annotated: no shapes", reason=detection.empty_reason, ms=ms)
         return _json_response(context, body, 200)

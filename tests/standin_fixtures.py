@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cvat_sync.standin import StandinCVAT, synthetic_slide_jpeg
+from tests.cvat_standin import StandinCVAT, synthetic_slide_jpeg
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CAPTURES = SHARED / "reference" / "cvat-2.23.1-captures"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainer.data.bccd import load_bccd
-from trainer.data.types import DatasetError
+from wbc_core.data.types import DatasetError
 
 BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bccd-wbc"
 pytestmark = pytest.mark.skipif(not BCCD.is_dir(), reason="../shared/data/bccd-wbc is not beside the repo")

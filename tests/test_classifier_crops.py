@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from tests.test_classifier_synthetic import smear, target_dataset
-from trainer.classifier.crops import MASK_FILL, CropConfig, apply_mask, crop_cell, crop_window
 from trainer.classifier.sources import crops_from_dataset
-from trainer.data.types import AnnotatedDataset, ImageRecord, Instance
+from wbc_core.classifier.crops import MASK_FILL, CropConfig, apply_mask, crop_cell, crop_window
+from wbc_core.data.types import AnnotatedDataset, ImageRecord, Instance
 
 
 def _gradient_image(h: int = 90, w: int = 120) -> np.ndarray:

@@ -15,14 +15,14 @@ import yaml
 from tests.test_classifier_synthetic import smear, target_dataset, write_class_folders
 from tests.tiny_models import spread_untrained_segmenter
 from trainer.__main__ import main
-from trainer.bundle import CLASSIFIER_FILE, BundleError, attach_classifier, load_bundle, write_bundle
-from trainer.classifier.crops import CropConfig
-from trainer.classifier.infer import ATTRIBUTES, CellClassifier, classifier_config, merge_opinions
-from trainer.classifier.model import CellNet, NetConfig
-from trainer.classifier.stain import StainNormalizer, frame_stats, stack_stats
-from trainer.classifier.train import ClassifierConfig, TrainedClassifier
-from trainer.data.cvat_xml import write_cvat_xml
-from trainer.predict import Prediction, Predictor
+from trainer.classifier.train import ClassifierConfig, TrainedClassifier, cell_classifier, classifier_config
+from wbc_core.bundle import CLASSIFIER_FILE, BundleError, attach_classifier, load_bundle, write_bundle
+from wbc_core.classifier.crops import CropConfig
+from wbc_core.classifier.infer import ATTRIBUTES, merge_opinions
+from wbc_core.classifier.model import CellNet, NetConfig
+from wbc_core.classifier.stain import StainNormalizer, frame_stats, stack_stats
+from wbc_core.data.cvat_xml import write_cvat_xml
+from wbc_core.detect import Detection, Predictor
 
 CLASSES = ["lymphocyte", "neutrophil"]
 RVPBS = ["band cell", "basophil", "blast cell", "eosinophil", "lymphocyte", "monocyte", "neutrophil", "promyelocyte",
@@ -57,7 +57,7 @@ def _slide() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, TrainedClassifier, Prediction]:
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, TrainedClassifier, Detection]:
     """A tiny segmenter bundle, its prediction on the test slide, and a copy of the bundle with a
     (random-weight) classifier attached that mostly prefers a class the segmenter did not predict."""
     cfg, model = spread_untrained_segmenter()
@@ -65,7 +65,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Train
     plain = write_bundle(root / "plain", model, RVPBS, cfg, 0.5)
     predictor = Predictor(plain, device="cpu")
     assert predictor.classifier is None
-    prediction = predictor.predict(_slide(), threshold=0.02)
+    prediction = predictor.detect(_slide(), threshold=0.02)
     favoured = next(c for c in RVPBS if c not in {cell.label for cell in prediction.cells})
     with_cls = root / "with-classifier"
     shutil.copytree(plain, with_cls)
@@ -81,11 +81,14 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Train
     return plain, with_cls, trained, prediction
 
 
-def test_bundle_without_classifier_still_predicts_without_attributes(bundles) -> None:
+def test_bundle_without_classifier_says_the_segmenter_decided(bundles) -> None:
     plain, _, _, plain_prediction = bundles
     bundle = load_bundle(plain)
     assert bundle.classifier is None and bundle.classifier_path is None
-    assert plain_prediction.cells and all(c.attributes == {} for c in plain_prediction.cells)
+    assert plain_prediction.cells
+    for cell in plain_prediction.cells:
+        assert cell.attributes == {"segmenter_label": cell.label, "segmenter_score": f"{cell.score:.3f}",
+                                   "decided_by": "segmenter"}
     assert "classify" in plain_prediction.timings
 
 
@@ -95,14 +98,15 @@ def test_pipeline_classifies_every_cell_with_the_crop_function_and_merges(bundle
     assert bundle.classifier["config"]["classes"] == RVPBS and bundle.classifier["sha256"]
     before = plain_prediction
     predictor = Predictor(with_cls, device="cpu")
-    after = predictor.predict(_slide(), threshold=0.02)
-    assert len(after.cells) == len(before.cells) > 0
+    after = predictor.detect(_slide(), threshold=0.02)
     assert after.timings["classify"] > 0
-    reference = CellClassifier.from_trained(trained)
+    reference = cell_classifier(trained)
     probs = reference.probabilities(_slide(), [(c.box, c.mask_crop, c.origin) for c in before.cells])
+    merged = [(b, merge_opinions(b.label, b.score, p, RVPBS, 0.75)) for b, p in zip(before.cells, probs, strict=True)]
+    kept = sorted(((b, m) for b, m in merged if m.score >= 0.02), key=lambda bm: -bm[1].score)
+    assert len(after.cells) == len(kept) > 0, "the threshold applies to the merged score"
     decided = set()
-    for b, a, p in zip(before.cells, after.cells, probs, strict=True):
-        expected = merge_opinions(b.label, b.score, p, RVPBS, 0.75)
+    for (b, expected), a in zip(kept, after.cells, strict=True):
         assert (a.label, a.attributes) == (expected.label, expected.attributes)
         assert a.score == pytest.approx(expected.score, abs=1e-6)
         assert set(a.attributes) == set(ATTRIBUTES) and all(isinstance(v, str) for v in a.attributes.values())
@@ -151,7 +155,7 @@ def test_cli_trains_evaluates_and_attaches_to_a_bundle(bundles, tmp_path: Path) 
     assert (out / "confusion.png").stat().st_size > 1000
     loaded = load_bundle(bundle)
     assert loaded.classifier["config"]["stain"]["method"] == "macenko"
-    pred = Predictor(bundle, device="cpu").predict(_slide(), threshold=0.02)
+    pred = Predictor(bundle, device="cpu").detect(_slide(), threshold=0.02)
     assert all(c.label in loaded.classes + CLASSES for c in pred.cells)
     # bad input reaches the user as a message, not a traceback
     (source / "platelet").mkdir()
@@ -161,8 +165,8 @@ def test_cli_trains_evaluates_and_attaches_to_a_bundle(bundles, tmp_path: Path) 
 
 def test_one_image_crop_matches_between_decode_paths(tmp_path: Path) -> None:
     """JPEG slides: the pipeline's reduced decode and the training crops' decode give the same crop."""
-    from trainer.classifier.crops import crop_cell
-    from trainer.data.images import read_rgb
+    from wbc_core.classifier.crops import crop_cell
+    from wbc_core.data.images import read_rgb
 
     img, mask = smear("lymphocyte", "target", (900, 1200), 110, seed=3, centre=(600, 450))
     path = tmp_path / "slide.jpg"
@@ -180,7 +184,8 @@ def test_one_image_crop_matches_between_decode_paths(tmp_path: Path) -> None:
 def test_function_returns_both_opinions_as_declared_string_attributes(bundles, monkeypatch: pytest.MonkeyPatch
                                                                       ) -> None:
     """Through the Nuclio function (real nuclio-sdk event and context): labels and attributes are all declared
-    in function.yaml's spec, attribute values are strings, and a bundle without a classifier sends none."""
+    in function.yaml's spec, attribute values are strings, and a bundle without a classifier sends only the
+    segmenter's (decided_by=segmenter)."""
     import io
     import json
 
@@ -204,10 +209,11 @@ def test_function_returns_both_opinions_as_declared_string_attributes(bundles, m
         assert items
         for item in items:
             assert item["label"] in declared
-            if not has_attributes:
-                assert "attributes" not in item
-                continue
             names = {a["name"] for a in item["attributes"]}
+            if not has_attributes:  # no classifier: what the segmenter said, and that it decided
+                assert names == {"segmenter_label", "segmenter_score", "decided_by"}
+                assert {"name": "decided_by", "value": "segmenter"} in item["attributes"]
+                continue
             assert names == set(ATTRIBUTES) and names <= set(declared[item["label"]])
             for a in item["attributes"]:
                 assert isinstance(a["value"], str)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from tests.test_classifier_synthetic import smear, write_class_folders
-from trainer.classifier.crops import CropConfig
 from trainer.classifier.sources import (
     SourceClassMap,
     estimate_cell,
@@ -17,8 +16,9 @@ from trainer.classifier.sources import (
     load_folder_source,
     plan_source,
 )
-from trainer.classifier.stain import StainNormalizer, frame_stats, stack_stats
-from trainer.data.types import DatasetError
+from wbc_core.classifier.crops import CropConfig
+from wbc_core.classifier.stain import StainNormalizer, frame_stats, stack_stats
+from wbc_core.data.types import DatasetError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PBC = SHARED / "pbc-sample"

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainer.data.types import AnnotatedDataset, ImageRecord, Instance
+from wbc_core.data.types import AnnotatedDataset, ImageRecord, Instance
 
 DOMAINS = {
     # background, red cells, cytoplasm, nucleus (RGB), blur sigma

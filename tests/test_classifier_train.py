@@ -10,10 +10,7 @@ import pytest
 import torch
 
 from tests.test_classifier_synthetic import target_dataset, write_class_folders
-from trainer.classifier.crops import CropConfig
-from trainer.classifier.model import CellNet, NetConfig, grad_reverse
 from trainer.classifier.sources import CropSet, SourceClassMap, crops_from_dataset, load_folder_source
-from trainer.classifier.stain import empty_stats
 from trainer.classifier.train import (
     ClassifierConfig,
     EpochLog,
@@ -24,7 +21,10 @@ from trainer.classifier.train import (
     load_classifier_config,
     split_target,
 )
-from trainer.data.types import DatasetError
+from wbc_core.classifier.crops import CropConfig
+from wbc_core.classifier.model import CellNet, NetConfig, grad_reverse
+from wbc_core.classifier.stain import empty_stats
+from wbc_core.data.types import DatasetError
 
 TINY = {"crop": {"size": 24}, "net": {"width": 8, "domain_hidden": 16},
         "train": {"batch_size": 16, "source_steps": 60, "target_steps": 60, "finetune_steps": 30, "epoch_steps": 20,

@@ -11,11 +11,11 @@ import pytest
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
-from trainer.data import masks as M
-from trainer.data.coco import compressed_rle_counts, read_coco, write_coco
-from trainer.data.cvat_xml import read_cvat_xml
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
-from trainer.labels import RVPBS_LABELS
+from wbc_core.data import masks as M
+from wbc_core.data.coco import compressed_rle_counts, read_coco, write_coco
+from wbc_core.data.cvat_xml import read_cvat_xml
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.labels import RVPBS_LABELS
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RVPBS = SHARED / "data" / "rvpbs-annotations"

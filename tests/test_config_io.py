@@ -9,8 +9,8 @@ import pytest
 
 from trainer.classifier.train import load_classifier_config
 from trainer.config import load_config
-from trainer.config_io import check_known, dataclass_from_dict, read_yaml_mapping
 from trainer.retrain import load_retrain_config
+from wbc_core.config_io import check_known, dataclass_from_dict, read_yaml_mapping
 
 
 @dataclass

@@ -12,9 +12,9 @@ import requests
 
 from cvat_sync.client import error_detail
 from cvat_sync.config import ConfigError, Secret, check_url, load_settings
-from cvat_sync.convert import convert_annotations, shape_to_instance
+from cvat_sync.convert import convert_annotations, label_attribute_names, shape_to_instance
 from cvat_sync.store import StoreError, safe_relpath
-from trainer.data.loader import load_dataset
+from wbc_core.data.loader import load_dataset
 
 CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cvat-2.23.1-captures"
 needs_captures = pytest.mark.skipif(not CAPTURES.is_dir(), reason="../shared/reference is not beside the repo")
@@ -143,6 +143,33 @@ def test_frames_filter_and_skipped_reasons() -> None:
     assert list(converted.frames) == [0] and len(converted.frames[0]) == 1
     assert converted.skipped == {"points shapes (no cell outline)": 1, "label id 99 not in the task's labels": 1,
                                  "shapes with broken geometry": 1, "tracks (video annotation)": 1}
+
+
+def test_attributes_are_stored_by_name_and_undeclared_ids_are_kept_and_reported(
+        caplog: pytest.LogCaptureFixture) -> None:
+    labels = [{"id": 5, "name": "basophil", "attributes": [{"id": 50, "name": "stage", "input_type": "select"},
+                                                           {"id": 51, "name": "smudged", "input_type": "checkbox"}]},
+              {"id": 6, "name": "monocyte", "attributes": []}]
+    names = label_attribute_names(labels)
+    assert names == {50: "stage", 51: "smudged"}
+    polygon = [0, 0, 10, 0, 10, 10]
+    annotations = {"shapes": [
+        {"id": 1, "type": "polygon", "frame": 0, "label_id": 5, "points": polygon,
+         "attributes": [{"spec_id": 50, "value": "late"}, {"spec_id": 51, "value": "true"}]},
+        {"id": 2, "type": "polygon", "frame": 0, "label_id": 5, "points": polygon,
+         "attributes": [{"spec_id": 50, "value": "early"}, {"spec_id": 77, "value": "x"}]},
+        {"id": 3, "type": "polygon", "frame": 0, "label_id": 6, "points": polygon,
+         "attributes": [{"spec_id": 77, "value": "y"}]},
+    ]}
+    with caplog.at_level("WARNING", logger="cvat_sync.convert"):
+        converted = convert_annotations(annotations, {5: "basophil", 6: "monocyte"}, attribute_names=names)
+    first, second, third = converted.frames[0]
+    assert first.attributes == {"stage": "late", "smudged": "true"}
+    assert second.attributes == {"stage": "early", "attribute 77": "x"}  # never dropped
+    assert third.attributes == {"attribute 77": "y"}
+    assert converted.unknown_attributes == {77: 2}
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "77" in warnings[0].getMessage()  # once, not once per shape
 
 
 def test_mask_shape_uses_the_inclusive_box() -> None:

@@ -23,10 +23,10 @@ from cvat_sync.__main__ import main as cli
 from cvat_sync.client import CvatClient, RetryPolicy
 from cvat_sync.config import Secret, Settings
 from cvat_sync.pull import PullOptions, pull_tasks
-from cvat_sync.standin import StandinCVAT
-from trainer.data.loader import load_dataset
-from trainer.data.masks import cvat_rle_encode
-from trainer.labels import RVPBS_LABELS
+from tests.cvat_standin import StandinCVAT
+from wbc_core.data.loader import load_dataset
+from wbc_core.data.masks import cvat_rle_encode
+from wbc_core.labels import RVPBS_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(attempts=8, backoff=0.01, max_wait=0.05, connect_timeout=5, read_timeout=10)
@@ -171,6 +171,45 @@ def test_export_path_gives_the_same_training_set(cvat: StandinCVAT, task: int, t
             else:
                 ma, mb = ia.to_mask(ra.height, ra.width), ib.to_mask(rb.height, rb.width)
                 assert (ma & mb).sum() / (ma | mb).sum() > 0.99
+
+
+ATTRIBUTES = {"basophil": [{"name": "stage", "input_type": "select", "values": ["early", "late"]},
+                           {"name": "smudged", "input_type": "checkbox", "values": ["false", "true"]}],
+              "neutrophil": [{"name": "lobes", "input_type": "number", "values": ["1", "6", "1"]}]}
+
+
+@pytest.mark.parametrize("fmt", ["COCO 1.0", "CVAT for images 1.1"])
+def test_api_and_export_pulls_store_attributes_under_the_same_names(cvat: StandinCVAT, tmp_path: Path,
+                                                                     fmt: str) -> None:
+    labels = [{**lab, "attributes": ATTRIBUTES.get(lab["name"], [])} for lab in LABELS]
+    tid = cvat.add_task("attributes", frames=[(f"IMG_{i:04d}.jpg", jpeg(i)) for i in range(2)], labels=labels,
+                        segment_size=2)
+    by_name = {lab.name: lab for lab in cvat.task_labels(cvat.task(tid))}
+    spec = {(lab.name, a["name"]): a["id"] for lab in by_name.values() for a in lab.attributes}
+    disc = np.zeros((20, 24), bool)
+    disc[2:18, 3:21] = True
+    cvat.set_annotations(tid, [
+        {"type": "polygon", "frame": 0, "label_id": by_name["basophil"].id,
+         "points": [40.0, 40.0, 90.0, 45.5, 80.0, 100.25, 35.0, 90.0],
+         "attributes": [{"spec_id": spec["basophil", "stage"], "value": "late"},
+                        {"spec_id": spec["basophil", "smudged"], "value": "true"}]},
+        {"type": "mask", "frame": 1, "label_id": by_name["neutrophil"].id, "points": mask_points(150, 60, disc),
+         "attributes": [{"spec_id": spec["neutrophil", "lobes"], "value": "3"}]},
+        {"type": "rectangle", "frame": 1, "label_id": by_name["lymphocyte"].id,
+         "points": [200.0, 150.0, 260.5, 210.25]},
+    ])
+    cvat.set_job_state(jobs_of(cvat, tid)[0], state="completed")
+    pull(cvat, tid, tmp_path / "api")
+    pull(cvat, tid, tmp_path / "export", via="export", export_format=fmt)
+
+    def attributes(root: Path) -> list[tuple[str, str, dict[str, str]]]:
+        data = load_dataset(root / f"task-{tid}", label_map=None, require_images=True)
+        return sorted((r.name, i.label, i.attributes) for r in data.images for i in r.instances)
+
+    expected = [("IMG_0000.jpg", "basophil", {"stage": "late", "smudged": "true"}),
+                ("IMG_0001.jpg", "lymphocyte", {}), ("IMG_0001.jpg", "neutrophil", {"lobes": "3"})]
+    assert attributes(tmp_path / "api") == expected
+    assert attributes(tmp_path / "export") == expected
 
 
 def test_legacy_export_flow_when_the_server_has_no_requests_api(cvat: StandinCVAT, task: int, tmp_path: Path) -> None:

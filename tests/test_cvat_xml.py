@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.data import masks as M
-from trainer.data.cvat_xml import RVPBS_COLORS, read_cvat_xml, write_cvat_xml
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
-from trainer.labels import RVPBS_LABELS
+from wbc_core.data import masks as M
+from wbc_core.data.cvat_xml import RVPBS_COLORS, read_cvat_xml, write_cvat_xml
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.labels import RVPBS_LABELS
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RVPBS = SHARED / "data" / "rvpbs-annotations"

@@ -20,7 +20,7 @@ WORKER = textwrap.dedent("""
     import torch
     import trainer.train_segmenter as ts
     from trainer.config import TrainConfig
-    from trainer.data.loader import load_dataset
+    from wbc_core.data.loader import load_dataset
 
     out, data = Path(sys.argv[1]), Path(sys.argv[2])
     cfg = TrainConfig.from_dict({

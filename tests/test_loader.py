@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.data.coco import write_coco
-from trainer.data.cvat_xml import write_cvat_xml
-from trainer.data.loader import COCO, CVAT_XML, load_dataset, sniff_format, validate_images
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
-from trainer.labels import RVPBS_LABELS, LabelMap
+from wbc_core.data.coco import write_coco
+from wbc_core.data.cvat_xml import write_cvat_xml
+from wbc_core.data.loader import COCO, CVAT_XML, load_dataset, sniff_format, validate_images
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.labels import RVPBS_LABELS, LabelMap
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CAPTURES = SHARED / "reference" / "cvat-2.23.1-captures"
@@ -104,7 +104,7 @@ def test_truncated_zip(tmp_path: Path) -> None:
 def test_label_map_report(fmt: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / ("annotations.xml" if fmt == "xml" else "instances_default.json")
     (write_cvat_xml if fmt == "xml" else write_coco)(small_dataset(), path)
-    with caplog.at_level(logging.WARNING, logger="trainer.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="wbc_core.data.loader"):
         ds = load_dataset(path, label_map=label_map())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("'platelet' (2)" in w for w in warnings)

@@ -8,8 +8,8 @@ import torch
 from pycocotools import mask as coco_mask
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from trainer.data import masks as M
-from trainer.predict import paste_mask
+from wbc_core.data import masks as M
+from wbc_core.detect import paste_mask
 
 
 def random_blob(h: int, w: int, seed: int) -> np.ndarray:

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from trainer.bundle import BUNDLE_FILE, SEGMENTER_FILE, BundleError, load_bundle, write_bundle
 from trainer.config import TrainConfig, load_config
-from trainer.model import SegmenterConfig, WeightsError, build_model, load_weights
+from wbc_core.bundle import BUNDLE_FILE, SEGMENTER_FILE, BundleError, load_bundle, write_bundle
+from wbc_core.model import SegmenterConfig, WeightsError, build_model, load_weights
 
 SMALL = {"min_size": 128, "max_size": 160}
 
@@ -92,7 +92,7 @@ def test_weights_missing_or_corrupt_file(tmp_path: Path) -> None:
 def test_torchvision_weights_name_is_recognised_without_download() -> None:
     from torchvision.models import get_weight
 
-    from trainer.model import _is_torchvision_weights_name
+    from wbc_core.model import _is_torchvision_weights_name
 
     assert _is_torchvision_weights_name("MaskRCNN_ResNet50_FPN_Weights.DEFAULT")
     assert get_weight("MaskRCNN_ResNet50_FPN_Weights.DEFAULT").meta["num_params"] > 0
@@ -152,7 +152,7 @@ def test_predictor_returns_each_cell_once(tmp_path: Path) -> None:
     import numpy as np
     from torchvision.ops import box_iou
 
-    from trainer.predict import Predictor
+    from wbc_core.detect import Predictor
 
     cfg = SegmenterConfig(**SMALL, box_detections_per_img=1000)
     torch.manual_seed(0)
@@ -163,8 +163,8 @@ def test_predictor_returns_each_cell_once(tmp_path: Path) -> None:
         model.roi_heads.box_predictor.bbox_pred.weight.mul_(0.0)  # every class refines to the same box
     write_bundle(tmp_path / "b", model, [f"c{i}" for i in range(10)], cfg, 0.0)
     image = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
-    plain = Predictor(tmp_path / "b", device="cpu", cross_class_nms=None).predict(image, threshold=0.0)
-    once = Predictor(tmp_path / "b", device="cpu").predict(image, threshold=0.0)
+    plain = Predictor(tmp_path / "b", device="cpu", cross_class_nms=None).detect(image, threshold=0.0)
+    once = Predictor(tmp_path / "b", device="cpu").detect(image, threshold=0.0)
     assert len(plain.cells) > len(once.cells) > 0
     boxes = torch.tensor([c.box for c in once.cells])
     iou = box_iou(boxes, boxes).fill_diagonal_(0)

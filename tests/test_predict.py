@@ -19,10 +19,10 @@ from PIL import Image
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from tests.tiny_models import spread_untrained_segmenter
-from trainer.bundle import write_bundle
-from trainer.data.images import ImageReadError, decode_jpeg_torch, decode_rgb
-from trainer.model import SegmenterConfig, build_model, fold_batchnorm, optimize_for_inference
-from trainer.predict import Predictor, paste_mask
+from wbc_core.bundle import write_bundle
+from wbc_core.data.images import ImageReadError, decode_jpeg_torch, decode_rgb
+from wbc_core.detect import Predictor, paste_mask
+from wbc_core.model import SegmenterConfig, build_model, fold_batchnorm, optimize_for_inference
 
 
 def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,7 +88,7 @@ def test_fast_path_returns_torchvisions_detections_and_masks(bundle_and_model: t
     scores = ref["scores"].numpy()
     assert len(scores) >= 4 and scores.min() < scores.max()
     threshold = float(np.median(scores))
-    boxes, got_scores, labels, probs = predictor._run_model(image, threshold)
+    boxes, got_scores, labels, probs, _ = predictor._run_model(image, threshold)
     keep = scores >= threshold
     np.testing.assert_allclose(got_scores, scores[keep], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(boxes, ref["boxes"].numpy()[keep], atol=0.05)
@@ -112,8 +112,8 @@ def test_fast_path_returns_torchvisions_detections_and_masks(bundle_and_model: t
 def test_threshold_only_changes_which_cells_come_back(bundle_and_model: tuple[Path, torch.nn.Module]) -> None:
     directory, _ = bundle_and_model
     predictor = Predictor(directory, device="cpu")
-    low = predictor.predict(_slide(), threshold=0.02)
-    high = predictor.predict(_slide(), threshold=float(np.median([c.score for c in low.cells])))
+    low = predictor.detect(_slide(), threshold=0.02)
+    high = predictor.detect(_slide(), threshold=float(np.median([c.score for c in low.cells])))
     assert 0 < len(high.cells) < len(low.cells)
     by_box = {tuple(round(v, 3) for v in c.box): c for c in low.cells}
     for cell in high.cells:

@@ -19,9 +19,9 @@ import torch
 import yaml
 
 from trainer.__main__ import main as trainer_main
-from trainer.bundle import write_bundle
-from trainer.model import SegmenterConfig
 from trainer.registry import Registry, RegistryBusy, RegistryError
+from wbc_core.bundle import write_bundle
+from wbc_core.model import SegmenterConfig
 
 
 def _bundle(directory: Path, threshold: float = 0.5, seed: int = 0) -> Path:

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 import yaml
 
-from cvat_sync.standin import StandinCVAT, dataset_shapes, label_ids, task_from_dataset
-from trainer.data.loader import load_dataset
-from trainer.labels import RVPBS_LABELS
+from tests.cvat_standin import StandinCVAT, dataset_shapes, label_ids, task_from_dataset
 from trainer.registry import Registry
 from trainer.retrain import NOTHING_NEW, PROMOTED, REFUSED, frame_key, load_retrain_config, split_side
 from trainer.synthetic import generate_task
+from wbc_core.data.loader import load_dataset
+from wbc_core.labels import RVPBS_LABELS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,11 @@ def test_retrain_cycles_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("WBC_RELOAD_SECONDS", "0")
         from serverless import main as function
         from serverless.__main__ import make_context
+        from wbc_core.bundle import load_bundle
 
+        # deployed as deploy.sh does: the function's spec written from the served bundle (a 'wbc' segmenter)
+        served_spec = load_bundle(registry.current_path).contract.spec()
+        monkeypatch.setattr(function, "read_spec", lambda path=None: served_spec)
         context = make_context()
         function.init_context(context)
         slide = (root / "frozen" / "images").glob("*.jpg").__next__().read_bytes()

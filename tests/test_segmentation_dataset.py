@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from trainer.data.images import ImageReadError, decode_rgb, read_rgb
-from trainer.data.masks import mask_iou
 from trainer.data.segmentation_dataset import AugmentConfig, SegmentationDataset, colour_jitter, geometric
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
-from trainer.labels import LabelMap
+from wbc_core.data.images import ImageReadError, decode_rgb, read_rgb
+from wbc_core.data.masks import mask_iou
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.labels import LabelMap
 
 
 def write_slide(path: Path, width: int, height: int) -> np.ndarray:

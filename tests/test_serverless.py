@@ -40,12 +40,14 @@ from serverless.model_handler import (
     probe_image,
 )
 from tests.nuclio_context import Ctx
-from trainer.bundle import BundleError, write_bundle
-from trainer.data.cvat_xml import read_cvat_xml
-from trainer.data.masks import decode_cvat_function_mask, mask_iou, place_crop
-from trainer.labels import RVPBS_LABELS
-from trainer.model import SegmenterConfig, build_model
-from trainer.predict import Predictor
+from tests.tiny_models import blob_segmenter
+from wbc_core.bundle import BundleError, load_bundle, write_bundle
+from wbc_core.contract import SpecMismatch
+from wbc_core.data.cvat_xml import read_cvat_xml
+from wbc_core.data.masks import decode_cvat_function_mask, mask_iou, place_crop
+from wbc_core.detect import Predictor
+from wbc_core.labels import RVPBS_LABELS
+from wbc_core.model import SegmenterConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 256, 192
@@ -71,23 +73,10 @@ def _encode(img: np.ndarray | Image.Image, fmt: str, **kw: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = SegmenterConfig(min_size=96, max_size=128, fpn_channels=32, mask_resolution=7, box_score_thresh=0.01,
-                          box_detections_per_img=20)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_model(cfg, len(RVPBS_LABELS))
-    with torch.no_grad():  # amplify the untrained heads: blob-shaped masks, spread-out scores
-        for m in model.roi_heads.mask_head.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.mul_(8)
-        model.roi_heads.mask_predictor.conv5_mask.weight.mul_(8)
-        for m in model.roi_heads.box_head.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(60)
-        model.roi_heads.box_predictor.cls_score.weight.mul_(60)
+    cfg, model = blob_segmenter(len(RVPBS_LABELS))
     directory = tmp_path_factory.mktemp("bundle")
     write_bundle(directory, model, list(RVPBS_LABELS), cfg, score_threshold=0.5)
-    scores = sorted(c.score for c in Predictor(directory, device="cpu").predict(_slide(), LOW).cells)
+    scores = sorted(c.score for c in Predictor(directory, device="cpu").detect(_slide(), LOW).cells)
     assert len(scores) >= 6 and scores[0] < scores[-1], "the test model must give varied detections"
     write_bundle(directory, model, list(RVPBS_LABELS), cfg, score_threshold=float(np.median(scores)))
     return directory
@@ -174,12 +163,12 @@ def test_function_yaml_has_every_field_cvat_and_nuclio_read(name: str) -> None:
     directives = " ".join(d["value"] for d in spec["build"]["directives"]["preCopy"] if d["kind"] == "RUN")
     assert spec["build"]["image"] and spec["build"]["baseImage"]
     if name == "function.yaml":
-        assert trigger["numWorkers"] == 2 and spec["eventTimeout"] == "30s"
+        assert trigger["numWorkers"] == 1 and spec["eventTimeout"] == "30s"
         assert "download.pytorch.org/whl/cpu" in directives
         assert "resources" not in spec
     else:
         assert trigger["numWorkers"] == 1 and spec["eventTimeout"] == "10s"
-        assert "download.pytorch.org/whl/cu" in directives
+        assert "torch==" in directives and "whl/cpu" not in directives
         assert spec["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert spec["description"] != yaml.safe_load((REPO / "function.yaml").read_text())["spec"]["description"]
 
@@ -188,7 +177,7 @@ def test_cpu_and_gpu_functions_declare_the_same_detector() -> None:
     cpu, gpu = (yaml.safe_load((REPO / n).read_text())["metadata"] for n in ("function.yaml", "function-gpu.yaml"))
     assert cpu["name"] == gpu["name"]
     assert json.loads(cpu["annotations"]["spec"]) == json.loads(gpu["annotations"]["spec"])
-    assert function.spec_labels() == set(RVPBS_LABELS)
+    assert function.read_spec() == json.loads(cpu["annotations"]["spec"])
 
 
 # --- the request/response contract ---------------------------------------------------------------
@@ -204,7 +193,10 @@ def test_dict_bytes_and_str_bodies_give_the_same_json_list(ctx: Ctx, jpeg: bytes
     results = json.loads(as_dict.body)
     assert len(results) >= 6
     for item in results:
-        assert set(item) == {"confidence", "label", "type", "points", "mask"}
+        assert set(item) == {"confidence", "label", "type", "points", "mask", "attributes"}
+        attributes = {a["name"]: a["value"] for a in item["attributes"]}
+        assert attributes["decided_by"] == "segmenter", "no classifier: the segmenter decided, nobody agreed"
+        assert attributes["segmenter_label"] == item["label"] and "classifier_label" not in attributes
         assert item["type"] == "mask" and isinstance(item["confidence"], str)
         assert all(isinstance(v, int) and v in (0, 255) for v in item["mask"][:-4])
 
@@ -212,7 +204,7 @@ def test_dict_bytes_and_str_bodies_give_the_same_json_list(ctx: Ctx, jpeg: bytes
 def test_masks_decode_with_cvat_rules_to_the_pipelines_own_masks(ctx: Ctx, model: ModelHandler,
                                                                  jpeg: bytes) -> None:
     results = _ok(ctx, _payload(jpeg, threshold=LOW))
-    prediction = Predictor(model.predictor.bundle, device="cpu").predict_bytes(jpeg, LOW)
+    prediction = Predictor(model.predictor.bundle, device="cpu").detect(jpeg, LOW)
     cells = sorted((c for c in prediction.cells if c.polygon() is not None), key=lambda c: -c.score)
     assert len(results) == len(cells) >= 6
     shapes = set()
@@ -380,7 +372,7 @@ def test_internal_failure_is_a_500_without_traceback(ctx: Ctx, model: ModelHandl
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("secret detail at /srv/private/path")
 
-    monkeypatch.setattr(model.predictor, "predict_bytes", boom)
+    monkeypatch.setattr(model.predictor, "detect", boom)
     response = _call(ctx, _payload(jpeg))
     assert response.status_code == 500
     error = json.loads(response.body)
@@ -437,7 +429,7 @@ def test_exif_orientation_is_applied(ctx: Ctx, model: ModelHandler, fmt: str) ->
     decoded = decode_image(data)
     assert decoded.shape == (H, W, 3)
     assert np.abs(decoded.astype(int) - _slide().astype(int)).mean() < 12
-    prediction = model.predict(data, LOW)
+    prediction = model.detect(data, LOW)
     assert (prediction.width, prediction.height) == (W, H)
     for item in _ok(ctx, _payload(data, threshold=LOW)):
         _, (xtl, ytl, xbr, ybr) = decode_cvat_function_mask(item["mask"])
@@ -485,12 +477,13 @@ def test_init_context_with_a_corrupt_bundle_names_the_file(bundle: Path, tmp_pat
     assert str(weights) in ctx.text
 
 
-def test_bundle_classes_missing_from_the_spec_are_warned_about(tmp_path: Path) -> None:
+def test_bundle_classes_missing_from_the_spec_are_refused_at_start_up(tmp_path: Path) -> None:
     cfg = SegmenterConfig(min_size=96, max_size=128, fpn_channels=32, mask_resolution=7)
     directory = write_bundle(tmp_path / "b", build_model(cfg, 2), ["wbc", "neutrophil"], cfg, score_threshold=0.5)
     ctx = Ctx()
-    function.init_model(ctx.context, directory)
-    assert "['wbc']" in ctx.text and "drops" in ctx.text
+    with pytest.raises(SpecMismatch, match=r"\['wbc'\]"):
+        function.init_model(ctx.context, directory)
+    assert "['wbc']" in ctx.text and "drop" in ctx.text and "python -m serverless spec" in ctx.text
 
 
 # --- deploy.sh -------------------------------------------------------------------------------------
@@ -513,7 +506,7 @@ def _deploy(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Pa
     nuctl = out / "nuctl"
     nuctl.write_text(FAKE_NUCTL)
     nuctl.chmod(0o755)
-    env = {**os.environ, "NUCTL": str(nuctl), "FAKE_OUT": str(out), "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "NUCTL": str(nuctl), "FAKE_OUT": str(out), "TMPDIR": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "serverless" / "deploy.sh"), *args], env=env, capture_output=True,
                           text=True, timeout=60)
     return proc, out
@@ -548,16 +541,21 @@ def test_deploy_sh_stages_the_nuclio_layout_that_serves(bundle: Path, jpeg: byte
     assert "--project-name cvat" in deploy and "--platform local" in deploy and "function.yaml" in deploy
     assert "WBC_BUNDLE_DIR=/opt/nuclio/bundle" in deploy and '"network": "cvat_cvat"' in deploy
     stage = out / "stage"  # what Nuclio copies to /opt/nuclio
-    for rel in ("main.py", "function.yaml", "serverless/model_handler.py", "trainer/predict.py",
-                "bundle/bundle.yaml", "bundle/model.pt"):
+    for rel in ("main.py", "function.yaml", "serverless/model_handler.py", "wbc_core/detect.py", "pyproject.toml",
+                "serverless/constraints-serve.txt", "bundle/bundle.yaml", "bundle/model.pt"):
         assert (stage / rel).is_file(), rel
+    assert not (stage / "trainer").exists() and not (stage / "cvat_sync").exists() and not (stage / "tests").exists()
+    staged_spec = json.loads(yaml.safe_load((stage / "function.yaml").read_text())["metadata"]["annotations"]["spec"])
+    assert staged_spec == load_bundle(bundle).contract.spec(), "deploy.sh writes the spec from the deployed bundle"
     assert not list(stage.rglob("__pycache__")) and not list(tmp_path.glob("wbc-maskrcnn.*")), "stage cleaned up"
     # Run it the way the processor does: /opt/nuclio on the path, handler main:handler, env from function.yaml.
     script = (
         "import base64, json, logging, sys, nuclio_sdk, nuclio_sdk.logger\n"
-        "import main, serverless, trainer\n"
+        "for name in ('trainer', 'cvat_sync', 'tqdm', 'matplotlib', 'requests'):\n"
+        "    sys.modules[name] = None  # the serving image has none of these: importing one fails\n"
+        "import main, serverless, wbc_core\n"
         "assert main.__file__.startswith(sys.argv[1]) and serverless.__file__.startswith(sys.argv[1])\n"
-        "assert trainer.__file__.startswith(sys.argv[1]), trainer.__file__\n"
+        "assert wbc_core.__file__.startswith(sys.argv[1]), wbc_core.__file__\n"
         "log = nuclio_sdk.Logger(logging.INFO, 'stage'); log.set_handler('x', sys.stderr, "
         "nuclio_sdk.logger.HumanReadableFormatter())\n"
         "ctx = nuclio_sdk.Context(logger=log); main.init_context(ctx)\n"

@@ -20,8 +20,8 @@ import requests
 from PIL import Image
 from pycocotools.coco import COCO
 
-from cvat_sync.standin import StandinCVAT, StateError, task_from_cvat_xml
-from cvat_sync.standin.exports import shape_to_instance
+from tests.cvat_standin import StandinCVAT, StateError, task_from_cvat_xml
+from tests.cvat_standin.exports import shape_to_instance
 from tests.standin_fixtures import (
     CAPTURES,
     RVPBS,
@@ -33,8 +33,8 @@ from tests.standin_fixtures import (
     setup_capture_session,
     small_jpeg,
 )
-from trainer.data.loader import load_dataset
-from trainer.data.masks import cvat_rle_decode
+from wbc_core.data.loader import load_dataset
+from wbc_core.data.masks import cvat_rle_decode
 
 pytestmark = pytest.mark.skipif(not CAPTURES.is_dir(), reason=f"captures not found at {CAPTURES}")
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from trainer import synthetic
-from trainer.data.cvat_xml import read_cvat_xml
-from trainer.data.masks import mask_iou
-from trainer.labels import RVPBS_LABELS
+from wbc_core.data.cvat_xml import read_cvat_xml
+from wbc_core.data.masks import mask_iou
+from wbc_core.labels import RVPBS_LABELS
 
 # CVAT stamps export times into <meta>; everything else must be byte-identical.
 _TIMESTAMPS = re.compile(rb"<(created|updated|dumped)>[^<]*</\1>")

@@ -14,12 +14,12 @@ import torch
 import yaml
 
 from trainer.config import TrainConfig
-from trainer.data.loader import load_dataset
 from trainer.evaluate import evaluate_bundle
-from trainer.model import WeightsError
-from trainer.predict import Predictor
 from trainer.synthetic import generate_task
 from trainer.train_segmenter import CHECKPOINT, train_segmenter
+from wbc_core.data.loader import load_dataset
+from wbc_core.detect import Predictor
+from wbc_core.model import WeightsError
 
 pytestmark = pytest.mark.slow
 

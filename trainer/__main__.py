@@ -1,15 +1,15 @@
-"""``python -m trainer``: train, evaluate and run the WBC segmenter and the crop classifier; synthetic slides; demo."""
+"""``python -m trainer``: train and evaluate the WBC segmenter and the crop classifier, run retraining cycles,
+manage the model registry, write synthetic slides, and run the end-to-end demo."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from trainer.bundle import BundleError, update_bundle_metrics
-from trainer.data.types import AnnotatedDataset, DatasetError
+from wbc_core.bundle import BundleError, update_bundle_metrics
+from wbc_core.data.types import AnnotatedDataset, DatasetError
 
 log = logging.getLogger("trainer")
 
@@ -18,23 +18,26 @@ EPILOG = """examples:
   python -m trainer train-segmenter --data exports/task12.zip --data exports/task13/ --out runs/seg1
   python -m trainer train-segmenter --config my.yaml --data datasets/task-12 --out runs/seg1 --resume
   python -m trainer evaluate --bundle runs/seg1/bundle --data exports/task14.zip --out runs/seg1/eval
-  python -m trainer predict --bundle runs/seg1/bundle slide1.jpg slide2.jpg --out predictions/
   python -m trainer synth --out synthetic-task --images 20
   python -m trainer retrain --config retrain.yaml
   python -m trainer registry list --root models/registry
   python -m trainer registry rollback v0003 --root models/registry
-  python -m trainer train-classifier --source pbc/ --target exports/task12.zip --method finetune --few-shot 10 \
+  python -m trainer train-classifier --source pbc/ --target exports/task12.zip --method finetune --few-shot 10 \\
       --stain-norm reinhard --out runs/cls1 --bundle runs/seg1/bundle
 
 --data takes a CVAT for images 1.1 export (zip, folder or annotations.xml), a COCO 1.0 export
 (zip, folder or instances JSON) or a cvat_sync dataset folder; repeat it to train on several tasks.
+
+To pre-annotate slide images with a trained bundle (JSON + overlay per image), use
+  python -m serverless annotate --help
+the same pipeline the CVAT function runs.
 """
 
 
 def _load_many(paths: list[Path], label_map, require_images: bool, extract_root: Path,
                strict: bool = False) -> AnnotatedDataset:
     """Load and concatenate several exports; zips are extracted under ``extract_root/<name>/``."""
-    from trainer.data.loader import load_dataset, merge_datasets
+    from wbc_core.data.loader import load_dataset, merge_datasets
 
     parts = [load_dataset(p, label_map=label_map, require_images=require_images, strict=strict,
                           extract_dir=extract_root / f"{i:02d}-{p.stem}" if p.suffix.lower() == ".zip" else None)
@@ -44,8 +47,8 @@ def _load_many(paths: list[Path], label_map, require_images: bool, extract_root:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
-    from trainer.labels import LabelMap
     from trainer.train_segmenter import train_segmenter
+    from wbc_core.labels import LabelMap
 
     cfg = load_config(args.config)
     if args.labels:
@@ -72,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _evaluate(bundle: Path, data_paths: list[Path], label_map, out: Path, overlays: int,
               class_agnostic: bool = False) -> dict:
     from trainer.evaluate import evaluate_bundle, summary_line
-    from trainer.predict import Predictor
+    from wbc_core.detect import Predictor
 
     predictor = Predictor(bundle)
     label_map = label_map or _bundle_label_map(predictor)
@@ -85,33 +88,16 @@ def _evaluate(bundle: Path, data_paths: list[Path], label_map, out: Path, overla
 
 
 def _bundle_label_map(predictor):
-    from trainer.labels import LabelMap
+    from wbc_core.labels import LabelMap
 
     return LabelMap(classes=list(predictor.classes))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from trainer.labels import LabelMap
+    from wbc_core.labels import LabelMap
 
     label_map = LabelMap.from_yaml(args.labels) if args.labels else None
     _evaluate(args.bundle, args.data, label_map, args.out, args.overlays, args.class_agnostic)
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from trainer.overlay import draw_overlay, save_png
-    from trainer.predict import Predictor
-
-    predictor = Predictor(args.bundle)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
-        pred = predictor.predict_file(path, threshold=args.threshold)
-        cells = [{"label": c.label, "score": round(c.score, 4), "box": [round(v, 1) for v in c.box],
-                  "area_px": int(c.mask_crop.sum())} for c in pred.cells]
-        (args.out / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "width": pred.width,
-                                                                "height": pred.height, "cells": cells}, indent=1))
-        save_png(draw_overlay(path, [], pred.cells, pred.width, pred.height), args.out / f"{path.stem}_overlay.png")
-        print(f"{path}: {len(cells)} cells -> {args.out / (path.stem + '_overlay.png')}")
     return 0
 
 
@@ -122,6 +108,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     print(f"wrote {len(data.images)} synthetic slides with {sum(len(r.instances) for r in data.images)} cells "
           f"as a CVAT for images 1.1 export: {args.out / 'annotations.xml'}")
     return 0
+
+
+def cmd_train_starter(args: argparse.Namespace) -> int:
+    from trainer.starter import run
+
+    return run(args)
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
@@ -150,18 +142,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
 
-    run_demo(args.out, minutes=args.minutes)
+    run_demo(args.out, steps=args.steps, max_minutes=args.minutes)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, epilog=EPILOG, formatter_class=raw)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train-segmenter", help="train the Mask R-CNN segmenter and write a model bundle",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train-segmenter", help="train the Mask R-CNN segmenter and write a model bundle",
+        description="Train the Mask R-CNN cell segmenter on annotated frames (CVAT/COCO exports or cvat_sync "
+                    "folders) and write a model bundle to OUT/bundle, with checkpoints, losses.csv and a loss "
+                    "curve in OUT; with --val, also evaluate the bundle and store its metrics in it.",
+        epilog=EPILOG, formatter_class=raw)
     t.add_argument("--config", type=Path, help="YAML config (default: the packaged CPU config, "
                    "trainer/configs/segmenter-cpu.yaml)")
     t.add_argument("--data", type=Path, action="append", required=True, help="training data (repeatable)")
@@ -178,39 +174,60 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="COCO bbox/segm AP of a bundle on annotated frames, with overlays")
-    e.add_argument("--bundle", type=Path, required=True)
-    e.add_argument("--data", type=Path, action="append", required=True)
+    e = sub.add_parser(
+        "evaluate", help="COCO bbox/segm AP of a bundle on annotated frames, with overlays",
+        description="Run a model bundle on annotated frames and score it with COCO box and mask AP (per class "
+                    "and class-agnostic). Reads the bundle and the --data exports; writes OUT/metrics.json and "
+                    "overlay PNGs (ground truth green, predictions magenta).")
+    e.add_argument("--bundle", type=Path, required=True, help="model bundle folder (holds bundle.yaml)")
+    e.add_argument("--data", type=Path, action="append", required=True,
+                   help="annotated frames to score on: a CVAT/COCO export or cvat_sync folder (repeatable)")
     e.add_argument("--out", type=Path, required=True, help="where metrics.json and overlay PNGs go")
     e.add_argument("--labels", type=Path, help="label-map YAML (default: the bundle's classes)")
-    e.add_argument("--overlays", type=int, default=4, help="how many overlay PNGs to write")
+    e.add_argument("--overlays", type=int, default=4, help="how many overlay PNGs to write (default 4)")
     e.add_argument("--class-agnostic", action="store_true", help="score detection/segmentation only")
     e.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("predict", help="run the pipeline on slide images: JSON + overlay PNG per slide")
-    pr.add_argument("--bundle", type=Path, required=True)
-    pr.add_argument("images", type=Path, nargs="+")
-    pr.add_argument("--out", type=Path, required=True)
-    pr.add_argument("--threshold", type=float, default=None, help="score threshold (default: the bundle's)")
-    pr.set_defaults(func=cmd_predict)
-
-    s = sub.add_parser("synth", help="write a synthetic Leishman-like smear task (CVAT for images 1.1)")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--images", type=int, default=12)
-    s.add_argument("--width", type=int, default=1008)
-    s.add_argument("--height", type=int, default=756)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser(
+        "synth", help="write a synthetic Leishman-like smear task (CVAT for images 1.1)",
+        description="Write synthetic Leishman-like smear slides with outlined white blood cells of the 10 "
+                    "classes as a CVAT for images 1.1 export (OUT/annotations.xml + OUT/images/), for tests, "
+                    "demos and trying the trainer without real data.")
+    s.add_argument("--out", type=Path, required=True, help="folder to write the task into")
+    s.add_argument("--images", type=int, default=12, help="number of slides (default 12)")
+    s.add_argument("--width", type=int, default=1008, help="slide width in pixels (default 1008)")
+    s.add_argument("--height", type=int, default=756, help="slide height in pixels (default 756)")
+    s.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same slides")
     s.set_defaults(func=cmd_synth)
 
-    c = sub.add_parser("train-classifier", help="train the WBC-type crop classifier (source-only, target-only, "
-                       "finetune, dann), evaluate it on held-out target frames, attach it to a bundle",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from trainer.starter import DESCRIPTION as STARTER_DESCRIPTION
+    from trainer.starter import EPILOG as STARTER_EPILOG
+    from trainer.starter import add_arguments as add_starter_arguments
+
+    st = sub.add_parser("train-starter", help="train the class-agnostic starter segmenter on several data sets at "
+                        "once (domain randomisation, red-cell scale)", description=STARTER_DESCRIPTION,
+                        epilog=STARTER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_starter_arguments(st)
+    st.set_defaults(func=cmd_train_starter)
+
+    c = sub.add_parser(
+        "train-classifier", help="train the WBC-type crop classifier (source-only, target-only, "
+        "finetune, dann), evaluate it on held-out target frames, attach it to a bundle",
+        description="Train the white-blood-cell type classifier on cell crops (from class folders and/or "
+                    "annotated exports) with one method, evaluate it on held-out target frames, and write "
+                    "metrics.json, confusion.png, classifier.pt and classifier.yaml to OUT; with --bundle, "
+                    "attach the classifier to that segmenter bundle.",
+        epilog=EPILOG, formatter_class=raw)
     from trainer.classifier.cli import add_arguments
 
     add_arguments(c)
     c.set_defaults(func=cmd_train_classifier)
 
-    r = sub.add_parser("registry", help="model registry: list, show, rollback, verify, prune versions")
+    r = sub.add_parser(
+        "registry", help="model registry: list, show, rollback, verify, prune versions",
+        description="Manage the model registry (numbered, verified bundle versions vNNNN/ and the 'current' "
+                    "symlink the CVAT function serves): list, show, roll back, verify or prune versions under "
+                    "--root.")
     from trainer.registry import add_arguments as add_registry_arguments
 
     add_registry_arguments(r)
@@ -218,19 +235,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     from trainer.retrain import EXIT_CODES
 
-    rt = sub.add_parser("retrain", help="one retraining cycle: pull from CVAT, split, fine-tune, evaluate, "
-                        "promote only if the gate holds (for cron/systemd/Kubernetes)",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
-                        + "\n\nexample config: trainer/configs/retrain.yaml")
+    rt = sub.add_parser(
+        "retrain", help="one retraining cycle: pull from CVAT, split, fine-tune, evaluate, "
+        "promote only if the gate holds (for cron/systemd/Kubernetes)",
+        description="One retraining cycle as configured in --config: pull the tasks from CVAT, split them, "
+                    "fine-tune the current bundle, evaluate candidate and current on the validation split, and "
+                    "add the candidate to the registry, promoting it only if the gate holds; writes a report "
+                    "per cycle.",
+        formatter_class=raw,
+        epilog="exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
+        + "\n\nexample config: trainer/configs/retrain.yaml")
     rt.add_argument("--config", type=Path, required=True, help="retrain YAML (see trainer/configs/retrain.yaml)")
     rt.add_argument("--force", action="store_true", help="train even when no frame changed since the current version")
     rt.add_argument("--no-progress", action="store_true", help="no progress bars (they are off without a terminal)")
     rt.set_defaults(func=cmd_retrain)
 
-    d = sub.add_parser("demo", help="end to end on synthetic slides: generate, train, evaluate, predict")
-    d.add_argument("--out", type=Path, default=Path("demo-output"))
-    d.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    from trainer.demo import DEFAULT_STEPS
+
+    d = sub.add_parser(
+        "demo", help="end to end on synthetic slides: generate, train, evaluate, predict",
+        description="The whole loop on synthetic slides, no CVAT and no data needed: write a synthetic "
+                    "training and test task, train the segmenter for --steps optimisation steps, evaluate it "
+                    "on the test task and predict on a new 4032x3024 slide. Everything goes under --out "
+                    "(bundle, metrics, overlays, loss curve, summary.json); an empty result is reported with "
+                    "what to change.")
+    d.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
+    d.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"training budget in optimisation steps, rounded up to whole epochs of 20 steps "
+                        f"(default {DEFAULT_STEPS}: enough to find cells on the synthetic slides)")
+    d.add_argument("--minutes", type=float, default=None,
+                   help="optional extra cap: also stop training after this many minutes (default: no cap)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import yaml
 
-from trainer.config_io import check_known, dataclass_from_dict, read_yaml_mapping
-from trainer.data.segmentation_dataset import AugmentConfig
-from trainer.labels import LabelMap
-from trainer.model import SegmenterConfig
+from trainer.data.segmentation_dataset import AugmentConfig, ScaleConfig
+from wbc_core.config_io import check_known, dataclass_from_dict, read_yaml_mapping
+from wbc_core.labels import LabelMap
+from wbc_core.model import SegmenterConfig
 
 
 @dataclass
@@ -48,10 +48,12 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     labels: LabelMap = field(default_factory=LabelMap)
     score_threshold: float = 0.5       # default detection threshold stored in the bundle
+    scale: ScaleConfig = field(default_factory=ScaleConfig)  # input sizing: fixed (default) or by red-cell size
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "train": asdict(self.train), "augment": self.augment.to_dict(),
-                "labels": self.labels.to_dict(), "score_threshold": self.score_threshold}
+                "labels": self.labels.to_dict(), "score_threshold": self.score_threshold,
+                "scale": self.scale.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> TrainConfig:
@@ -73,7 +75,8 @@ class TrainConfig:
                    train=dataclass_from_dict(OptimConfig, data.get("train"), "train keys"),
                    augment=AugmentConfig.from_dict(data.get("augment")),
                    labels=label_map,
-                   score_threshold=float(data.get("score_threshold", 0.5)))
+                   score_threshold=float(data.get("score_threshold", 0.5)),
+                   scale=ScaleConfig.from_dict(data.get("scale")))
 
 
 def load_config(path: str | Path | None) -> TrainConfig:

@@ -1,6 +1,6 @@
 """COCO evaluation (pycocotools) of a bundle on annotated frames, at native resolution.
 
-Predictions come from :class:`trainer.predict.Predictor` (the same code CVAT's function runs);
+Predictions come from :class:`wbc_core.detect.Predictor` (the same code CVAT's function runs);
 ground truth is rasterised at each frame's native size. Writes ``metrics.json`` with bbox and segm
 AP, AP50, AP75, per-class AP, and overlay PNGs (ground truth green, predictions magenta).
 """
@@ -20,12 +20,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from trainer.atomic import atomic_write_bytes
-from trainer.data.masks import coco_rle_encode
-from trainer.data.types import AnnotatedDataset, DatasetError
-from trainer.labels import LabelMap
-from trainer.overlay import draw_overlay, save_png
-from trainer.predict import Prediction, Predictor
+from wbc_core.atomic import atomic_write_bytes
+from wbc_core.data.masks import coco_rle_encode
+from wbc_core.data.types import AnnotatedDataset, DatasetError
+from wbc_core.detect import Detection, Predictor
+from wbc_core.labels import LabelMap
+from wbc_core.overlay import draw_overlay, save_png
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _coco_stats(gt: COCO, dets: list[dict], iou_type: str, class_names: list[str
             "AR100": float(stats[8]), "per_class": per_class}
 
 
-def evaluate_predictions(data: AnnotatedDataset, predictions: list[Prediction], label_map: LabelMap,
+def evaluate_predictions(data: AnnotatedDataset, predictions: list[Detection], label_map: LabelMap,
                          class_agnostic: bool = False) -> dict[str, Any]:
     """COCO bbox/segm metrics of ``predictions`` (one per frame, same order) against ``data``."""
     classes = ["cell"] if class_agnostic else list(label_map.classes)
@@ -99,12 +99,12 @@ def evaluate_bundle(predictor: Predictor, data: AnnotatedDataset, label_map: Lab
                     progress: bool = True) -> dict[str, Any]:
     """Predict every frame of ``data`` and score it. ``threshold`` is low by default: AP wants the
     whole precision-recall curve, not the deployment threshold."""
-    preds: list[Prediction] = []
+    preds: list[Detection] = []
     t0 = time.perf_counter()
     for rec in tqdm(data.images, desc="evaluate", unit="frame", disable=not progress, dynamic_ncols=True):
         if rec.path is None:
             raise DatasetError(f"frame {rec.name} has no image file; evaluation needs the images")
-        preds.append(predictor.predict_file(rec.path, threshold=threshold))
+        preds.append(predictor.detect(rec.path, threshold=threshold))
     seconds = time.perf_counter() - t0
     metrics = evaluate_predictions(data, preds, label_map, class_agnostic=class_agnostic)
     if not class_agnostic and len(label_map.classes) > 1:

@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from trainer.atomic import LockHeld, pid_lock, sha256_file
-from trainer.bundle import BundleError, load_bundle
+from wbc_core.atomic import LockHeld, pid_lock, sha256_file
+from wbc_core.bundle import BundleError, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class Registry:
     def add(self, bundle_dir: str | Path, info: dict[str, Any]) -> str:
         """Copy a bundle into the registry as the next version (never touches ``current``); returns it.
 
-        The copy is verified with :func:`trainer.bundle.load_bundle` (checksums) before it becomes a
+        The copy is verified with :func:`wbc_core.bundle.load_bundle` (checksums) before it becomes a
         version. ``info`` (metrics, provenance, gate decision, ...) is stored in ``registry.yaml``.
         """
         source = Path(bundle_dir)
@@ -382,17 +382,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"registry folder (default: {DEFAULT_ROOT})")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(name, help=help_text)
-        p.add_argument("--root", type=Path, default=argparse.SUPPRESS, help="registry folder")
+    def action(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        p = actions.add_parser(name, help=help_text, description=description)
+        p.add_argument("--root", type=Path, default=argparse.SUPPRESS,
+                       help=f"registry folder (default: {DEFAULT_ROOT})")
         return p
 
-    action("list", help_text="versions with creation time, mask AP and macro-F1; * marks current")
-    action("show", help_text="print a version's registry.yaml").add_argument("version")
-    action("rollback", help_text="make an earlier version current again (verified first)").add_argument("version")
-    action("verify", help_text="check a version's files against their sha256").add_argument("version")
-    action("prune", help_text="delete old versions, keeping the newest N and the current one").add_argument(
-        "--keep", type=int, required=True)
+    version_help = "a version of the registry, e.g. v0003 (see 'list')"
+    action("list", "versions with creation time, mask AP and macro-F1; * marks current",
+           "Print a table of the versions under --root with their creation time, mask AP and macro-F1; "
+           "* marks the current version (the one the CVAT function serves). Reads only.")
+    action("show", "print a version's registry.yaml",
+           "Print a version's registry.yaml: creation time, the sha256 of its files, metrics, training data "
+           "provenance and the gate decision. Reads only.").add_argument("version", help=version_help)
+    action("rollback", "make an earlier version current again (verified first)",
+           "Point 'current' at an earlier version again, after checking its files against their sha256; the "
+           "switch is one atomic rename and is recorded in history.jsonl.").add_argument("version", help=version_help)
+    action("verify", "check a version's files against their sha256",
+           "Check every file of a version against the sha256 recorded in its registry.yaml and that the bundle "
+           "loads; prints 'ok' or fails with exit code 2. Reads only.").add_argument("version", help=version_help)
+    action("prune", "delete old versions, keeping the newest N and the current one",
+           "Delete old versions, keeping the newest --keep versions and always the current one; takes the "
+           "registry lock and records each deletion in history.jsonl.").add_argument(
+        "--keep", type=int, required=True, help="how many of the newest versions to keep (the current one is "
+                                                "kept in any case)")
 
 
 def _metric(metrics: Any, key: str) -> str:

@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trainer.config_io import check_known, dataclass_from_dict, read_yaml_mapping
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord
+from wbc_core.config_io import check_known, dataclass_from_dict, read_yaml_mapping
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def frame_key(record: ImageRecord, known: dict[str, str] | None = None) -> str:
         return known[record.name]
     if record.path is None or not Path(record.path).is_file():
         raise DatasetError(f"frame {record.name} has no image file; retraining needs the images")
-    from trainer.atomic import sha256_file
+    from wbc_core.atomic import sha256_file
 
     return sha256_file(Path(record.path))
 
@@ -178,8 +178,8 @@ class Pool:
 
 
 def build_pool(cfg: RetrainConfig, dataset_dirs: list[Path]) -> Pool:
-    from trainer.data.loader import load_dataset, merge_datasets
-    from trainer.labels import LabelMap
+    from wbc_core.data.loader import load_dataset, merge_datasets
+    from wbc_core.labels import LabelMap
 
     label_map = LabelMap.from_yaml(cfg.path(cfg.labels)) if cfg.labels else LabelMap()
     test_parts = [load_dataset(cfg.path(p), label_map=label_map, require_images=True) for p in cfg.split.frozen_test]
@@ -257,7 +257,7 @@ class Cycle:
         from cvat_sync.client import CvatClient
         from cvat_sync.config import load_settings
         from cvat_sync.pull import Puller, PullOptions, pull_tasks
-        from trainer.labels import LabelMap
+        from wbc_core.labels import LabelMap
 
         settings = load_settings(self.cfg.path(c.config) if c.config else None)
         out = self.cfg.path(c.out)
@@ -281,7 +281,7 @@ class Cycle:
         seg = self.cfg.segmenter
         tcfg = load_config(self.cfg.path(seg.config) if seg.config else None)
         if self.cfg.labels:
-            from trainer.labels import LabelMap
+            from wbc_core.labels import LabelMap
 
             tcfg.labels = LabelMap.from_yaml(self.cfg.path(self.cfg.labels))
         if seg.max_minutes:
@@ -289,7 +289,7 @@ class Cycle:
         if seg.epochs:
             tcfg.train.epochs = seg.epochs
         if current is not None and seg.from_current:
-            from trainer.bundle import load_bundle
+            from wbc_core.bundle import load_bundle
 
             bundle = load_bundle(current)
             if bundle.model_config.backbone != tcfg.model.backbone:
@@ -306,7 +306,7 @@ class Cycle:
         """Copy the current bundle's crop classifier into the candidate, fine-tuned on the new crops."""
         if current is None:
             return None
-        from trainer.bundle import load_bundle
+        from wbc_core.bundle import load_bundle
 
         bundle = load_bundle(current)
         if bundle.classifier is None:
@@ -318,10 +318,10 @@ class Cycle:
 
     # 4. evaluate
     def evaluate(self, bundle_dir: Path, data: AnnotatedDataset, name: str) -> dict[str, Any]:
-        from trainer.bundle import load_bundle
         from trainer.evaluate import evaluate_bundle
-        from trainer.labels import LabelMap
-        from trainer.predict import Predictor
+        from wbc_core.bundle import load_bundle
+        from wbc_core.detect import Predictor
+        from wbc_core.labels import LabelMap
 
         bundle = load_bundle(bundle_dir)
         label_map = LabelMap(classes=list(bundle.classes))

@@ -27,9 +27,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainer.data import masks as mask_ops
-from trainer.data.types import AnnotatedDataset, ImageRecord, Instance
-from trainer.labels import RVPBS_LABELS
+from wbc_core.data import masks as mask_ops
+from wbc_core.data.types import AnnotatedDataset, ImageRecord, Instance
+from wbc_core.labels import RVPBS_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -608,7 +608,7 @@ def generate_task(out_dir: Path, n_images: int, width: int = 1008, height: int =
         raise ValueError(f"cells_per_image must be (min, max) with 0 <= min <= max, got {cells_per_image}")
     if not labels:
         raise ValueError("labels is empty")
-    from trainer.data.cvat_xml import write_cvat_xml
+    from wbc_core.data.cvat_xml import write_cvat_xml
 
     master = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
     counts = master.integers(lo, hi + 1, n_images)

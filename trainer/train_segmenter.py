@@ -3,7 +3,13 @@
 Resumable: a checkpoint (model, optimiser, schedule, step, RNG) is written atomically every
 ``checkpoint_every`` steps and at each epoch end; ``resume=True`` continues from it exactly where
 the order of batches left off. The run directory holds ``losses.csv``, ``loss_curve.png``,
-``checkpoint.pt``, ``config.yaml`` and finally ``bundle/`` (see :mod:`trainer.bundle`).
+``checkpoint.pt``, ``config.yaml`` and finally ``bundle/`` (see :mod:`wbc_core.bundle`).
+
+Several training sets (:mod:`trainer.multiset`) come as one dataset whose ``meta`` says which set each frame
+is from (``frame_set``), each set's sampling weight (``sets[i]["weight"]``) and which frames have boxes only
+(``frame_box_only``). Batches are then drawn one set at a time (:class:`SetBatchSampler`), so a batch is
+either all outlined or all box-only, and box-only batches run with the mask branch switched off
+(:func:`mask_branch_disabled`): they train the RPN and the box/class heads and give no ``loss_mask``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,12 +34,12 @@ import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from trainer.atomic import atomic_torch_save, atomic_write_bytes
-from trainer.bundle import write_bundle
 from trainer.config import TrainConfig
 from trainer.data.segmentation_dataset import SegmentationDataset, collate
-from trainer.data.types import AnnotatedDataset, DatasetError
-from trainer.model import WeightsError, build_model
+from wbc_core.atomic import atomic_torch_save, atomic_write_bytes
+from wbc_core.bundle import write_bundle
+from wbc_core.data.types import AnnotatedDataset, DatasetError
+from wbc_core.model import WeightsError, build_model
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,104 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.world) - self.start
+
+
+class SetBatchSampler(Sampler[list[int]]):
+    """Batches that each come from one group of frames (a training set, or outlined vs box-only frames).
+
+    Each batch's group is drawn with probability proportional to ``weights[group]``; within a group the frames
+    come in a seeded permutation that starts over when used up, so a small set with a large weight repeats
+    within an epoch. A repeated frame is yielded as ``index + k * n`` for its k-th repeat (the dataset reads
+    ``index % n``) so it gets its own augmentation. An epoch has as many batches as :class:`EpochSampler`
+    would give. Under DDP every rank draws the same global batch of ``batch_size * world`` frames from the
+    same group and takes every ``world``-th, so all ranks run the same heads at each step.
+    """
+
+    def __init__(self, groups: Sequence[int], weights: Sequence[float], batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1) -> None:
+        self.n = len(groups)
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            members.setdefault(int(g), []).append(i)
+        self.ids = [g for g in sorted(members) if g < len(weights) and float(weights[g]) > 0]
+        if not self.ids:
+            raise ValueError(f"no group of frames has a positive sampling weight (weights {list(weights)})")
+        p = np.array([float(weights[g]) for g in self.ids])
+        self.p = p / p.sum()
+        self.members = members
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.epoch, self.start = 0, 0
+        self.steps = math.ceil(math.ceil(self.n / world) / batch_size)
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """Epoch and the number of this epoch's batches already done."""
+        self.epoch, self.start = epoch, start
+
+    def epoch_batches(self) -> list[list[int]]:
+        """This rank's batches of the current epoch (the same on every call)."""
+        rng = np.random.default_rng([self.seed, self.epoch, 0x5E75])
+        picks = rng.choice(len(self.ids), size=self.steps, p=self.p)
+        order: dict[int, np.ndarray] = {}
+        cursor: dict[int, int] = {}
+        rounds: dict[int, int] = {}
+        batches = []
+        for k in picks:
+            g = self.ids[int(k)]
+            members = self.members[g]
+            take = []
+            while len(take) < self.batch_size * self.world:
+                if cursor.get(g, len(members)) >= len(members):
+                    order[g], cursor[g], rounds[g] = rng.permutation(len(members)), 0, rounds.get(g, -1) + 1
+                take.append(members[int(order[g][cursor[g]])] + rounds[g] * self.n)
+                cursor[g] += 1
+            batches.append(take[self.rank::self.world])
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.epoch_batches()[self.start:])
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+
+@contextmanager
+def mask_branch_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` (a torchvision Mask R-CNN) without its mask branch: ``RoIHeads.has_mask()`` is False while
+    ``mask_roi_pool`` is None, so the heads neither need ``masks`` in the targets nor compute ``loss_mask``,
+    and the mask head gets no gradient. The RoI pooler has no weights, so the state dict is unchanged."""
+    heads = model.roi_heads
+    saved = heads.mask_roi_pool
+    heads.mask_roi_pool = None
+    try:
+        yield
+    finally:
+        heads.mask_roi_pool = saved
+
+
+def _batch_groups(data: AnnotatedDataset, dataset: SegmentationDataset) -> tuple[list[int], list[float]] | None:
+    """Per-frame group and per-group weight when batches must be grouped (several sets or box-only frames)."""
+    frame_set = data.meta.get("frame_set")
+    if frame_set is not None:
+        if len(frame_set) != len(data.images):
+            raise DatasetError(f"{data.source}: meta['frame_set'] has {len(frame_set)} entries for "
+                               f"{len(data.images)} frames")
+        sets = data.meta.get("sets") or []
+        weights = [float(s.get("weight", 1.0)) for s in sets] or [1.0] * (max(frame_set) + 1)
+        for g in range(len(weights)):
+            flags = {dataset.box_only[i] for i, s in enumerate(frame_set) if s == g}
+            if len(flags) > 1:
+                raise DatasetError(f"{data.source}: set {g} mixes box-only and outlined frames; give each its own set")
+        return [int(s) for s in frame_set], weights
+    if any(dataset.box_only):
+        groups = [int(b) for b in dataset.box_only]
+        return groups, [float(groups.count(0)), float(groups.count(1))]
+    return None
+
+
+def trainable_cells(data: AnnotatedDataset, dataset: SegmentationDataset) -> int:
+    """Cells that are targets: outlined ones in outlined frames, every boxed one in box-only frames."""
+    return sum(sum(1 for i in rec.instances if i.box is not None) if box_only else len(rec.outlined())
+               for rec, box_only in zip(data.images, dataset.box_only, strict=True))
 
 
 @dataclass
@@ -151,11 +256,14 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
     rows = list(csv.DictReader(csv_path.open()))
     if not rows:
         return
-    steps = np.array([int(r["step"]) for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4))
     keys = [k for k in rows[0] if k.startswith("loss")]
-    for k in keys:
-        vals = np.array([float(r[k]) for r in rows])
+    for k in keys:  # loss_mask is empty on box-only steps: each curve has the steps that have it
+        have = [r for r in rows if r.get(k) not in (None, "")]
+        if not have:
+            continue
+        steps = np.array([int(r["step"]) for r in have])
+        vals = np.array([float(r[k]) for r in have])
         win = max(1, len(vals) // 50)
         smooth = np.convolve(vals, np.ones(win) / win, mode="valid")
         ax.plot(steps[win - 1:], smooth, label=k, lw=1.5 if k == "loss" else 1)
@@ -174,12 +282,15 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
 
 def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Path, resume: bool = False,
                     on_epoch_end: Callable[[int, float, Path], dict[str, Any] | None] | None = None,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, provenance: dict[str, Any] | None = None,
+                    rbc_estimator: Callable[[np.ndarray], Any] | None = None) -> Path:
     """Train and write ``out_dir/bundle``. Returns the bundle directory.
 
     ``on_epoch_end(epoch, train_seconds, bundle_dir)`` (optional) is called after each epoch with a
     fresh bundle written; its returned metrics are logged to ``curve.csv`` (time spent in it is not
-    counted as training time).
+    counted as training time). ``provenance`` (optional) is added to the bundle's provenance (e.g. the
+    training sets and their licences). ``rbc_estimator`` replaces ``wbc_core.scale.estimate_rbc_diameter``
+    for the ``rbc`` scale mode. See the module docstring for several sets and box-only frames.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,25 +301,36 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
     np.random.seed(opt.seed)
     torch.manual_seed(opt.seed)
 
-    n_outlined = sum(len(r.outlined()) for r in train_data.images)
-    if not train_data.images or n_outlined == 0:
-        raise DatasetError(f"{train_data.source or 'training data'} has no frames with outlined cells "
+    dataset = SegmentationDataset(train_data, cfg.labels, cfg.model.max_size, cfg.model.min_size,
+                                  augment=cfg.augment, seed=opt.seed, scale=cfg.scale, rbc_estimator=rbc_estimator)
+    n_cells = trainable_cells(train_data, dataset)
+    if not train_data.images or n_cells == 0:
+        what = "cells" if any(dataset.box_only) else "outlined cells"
+        raise DatasetError(f"{train_data.source or 'training data'} has no frames with {what} "
                            f"({len(train_data.images)} frames): nothing to train on")
+    if all(dataset.box_only):
+        log.warning("every training frame has boxes only: the mask head stays untrained; add a set with outlines")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device)
     ddp = init_distributed(device.type)
     if ddp.active and device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
     progress = progress and ddp.main
-    dataset = SegmentationDataset(train_data, cfg.labels, cfg.model.max_size, cfg.model.min_size,
-                                  augment=cfg.augment, seed=opt.seed)
-    sampler = EpochSampler(len(dataset), opt.seed, ddp.rank, ddp.world)
+    groups = _batch_groups(train_data, dataset)
+    sampler: EpochSampler | SetBatchSampler
+    if groups is None:
+        sampler = EpochSampler(len(dataset), opt.seed, ddp.rank, ddp.world)
+    else:
+        sampler = SetBatchSampler(groups[0], groups[1], opt.batch_size, opt.seed, ddp.rank, ddp.world)
     steps_per_epoch = math.ceil(math.ceil(len(dataset) / ddp.world) / opt.batch_size)
+    dataset.prepare_scale(progress=progress)
     total_steps = steps_per_epoch * opt.epochs
 
     model = build_model(cfg.model, len(cfg.labels.classes)).to(device)
     jitter = sorted({int(round(cfg.model.min_size * s / 16) * 16) for s in opt.scale_jitter} - {cfg.model.min_size})
     model.transform.min_size = (*jitter, cfg.model.min_size)
+    # rbc scale mode: the dataset already sized each frame by its red cells; the model must not resize it again
+    model.transform._skip_resize = cfg.scale.mode == "rbc"
     net: torch.nn.Module = model  # what forward/backward go through (DDP when distributed)
     if ddp.active:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -252,9 +374,9 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
                            "epoch": epoch, "train_seconds": train_seconds, "config": cfg.to_dict(),
                            "torch_rng": torch.get_rng_state()}, ckpt_path)
 
-    log.info("training %s on %d frames (%d cells), %d epochs x %d steps, batch %d, %s",
-             cfg.model.backbone, len(dataset), n_outlined, opt.epochs, steps_per_epoch, opt.batch_size,
-             f"limit {opt.max_minutes} min" if opt.max_minutes else "no time limit")
+    log.info("training %s on %d frames (%d cells, %d box-only frames), %d epochs x %d steps, batch %d, %s",
+             cfg.model.backbone, len(dataset), n_cells, sum(dataset.box_only), opt.epochs, steps_per_epoch,
+             opt.batch_size, f"limit {opt.max_minutes} min" if opt.max_minutes else "no time limit")
     bundle_dir = out_dir / "bundle"
     trim = _malloc_trimmer()
     stop = False
@@ -262,10 +384,15 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
                dynamic_ncols=True)
     while epoch < opt.epochs and not stop:
         start_in_epoch = step - epoch * steps_per_epoch
-        sampler.set_position(epoch, start_in_epoch * opt.batch_size)
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=opt.num_workers, persistent_workers=False)
+        if isinstance(sampler, SetBatchSampler):
+            sampler.set_position(epoch, start_in_epoch)
+            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=opt.num_workers,
+                                persistent_workers=False)
+        else:
+            sampler.set_position(epoch, start_in_epoch * opt.batch_size)
+            loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, collate_fn=collate,
+                                num_workers=opt.num_workers, persistent_workers=False)
         net.train()
         t_last = time.perf_counter()
         for images, targets in loader:
@@ -275,7 +402,11 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
             if device.type != "cpu":
                 images = [im.to(device, non_blocking=True) for im in images]
                 targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            losses = net(images, targets)
+            with_masks = ["masks" in t for t in targets]
+            if any(with_masks) and not all(with_masks):
+                raise RuntimeError("a batch mixes outlined and box-only frames; group them (SetBatchSampler)")
+            with nullcontext() if all(with_masks) else mask_branch_disabled(model):
+                losses = net(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr "
@@ -293,7 +424,8 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
                 with loss_csv.open("a", newline="") as fh:
                     csv.writer(fh).writerow([step, epoch, f"{train_seconds:.2f}",
                                              f"{optimizer.param_groups[0]['lr']:.3g}", f"{loss.item():.5f}"]
-                                            + [f"{losses[k].item():.5f}" for k in loss_fields[5:]])
+                                            + [f"{losses[k].item():.5f}" if k in losses else ""
+                                               for k in loss_fields[5:]])
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
             if step % 5 == 0:
@@ -311,14 +443,15 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
             plot_losses(loss_csv, out_dir / "loss_curve.png")
         if on_epoch_end is not None and ddp.main:
             model.eval()
-            _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds)
+            _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds, cells=n_cells, extra=provenance)
             on_epoch_end(epoch, train_seconds, bundle_dir)
         _barrier(ddp)
     bar.close()
     model.eval()
     _sync_buffers(model, ddp)
     if ddp.main:
-        _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds, world=ddp.world)
+        _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds, world=ddp.world, cells=n_cells,
+               extra=provenance)
         log.info("wrote bundle %s after %d steps (%.1f min of training)", bundle_dir, step, train_seconds / 60)
     _barrier(ddp)
     return bundle_dir
@@ -353,17 +486,20 @@ def _barrier(ddp: Distributed) -> None:
 
 
 def _write(model: torch.nn.Module, cfg: TrainConfig, bundle_dir: Path, data: AnnotatedDataset, step: int,
-           epoch: int, train_seconds: float, world: int = 1) -> None:
+           epoch: int, train_seconds: float, world: int = 1, cells: int | None = None,
+           extra: dict[str, Any] | None = None) -> None:
     provenance = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
         "training_data": data.source,
         "frames": len(data.images),
-        "cells": sum(len(r.outlined()) for r in data.images),
+        "cells": cells if cells is not None else sum(len(r.outlined()) for r in data.images),
         "steps": step,
         "epochs": epoch,
         "train_seconds": round(train_seconds, 1),
         "processes": world,
         "torch": str(torch.__version__),
+        **(extra or {}),
     }
-    write_bundle(bundle_dir, model, cfg.labels.classes, cfg.model, cfg.score_threshold, provenance=provenance)
+    write_bundle(bundle_dir, model, cfg.labels.classes, cfg.model, cfg.score_threshold, provenance=provenance,
+                 scale=cfg.scale.bundle_dict())

@@ -2,9 +2,11 @@
 
 The segmenter finds and outlines each cell; this stage classifies a small square crop of every cell and is
 trained on a large public source domain (PBC-style class folders) adapted to the lab's own slides (the
-target). The same crop function (:mod:`trainer.classifier.crops`) makes the training crops and the crops
-the pipeline classifies (:class:`trainer.predict.Predictor`).
+target). The same crop function (:mod:`wbc_core.classifier.crops`) makes the training crops and the crops
+the pipeline classifies (:class:`wbc_core.detect.Predictor`).
 """
 
 METHODS = ("source-only", "target-only", "finetune", "dann")
-STAIN_METHODS = ("none", "reinhard", "macenko")
+from wbc_core.classifier.stain import METHODS as STAIN_METHODS  # noqa: E402
+
+__all__ = ["METHODS", "STAIN_METHODS"]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.config_io import check_known
+from wbc_core.config_io import check_known
 
 
 @dataclass

@@ -17,18 +17,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer.classifier import METHODS, STAIN_METHODS
-from trainer.data.types import DatasetError
+from wbc_core.data.types import DatasetError
 
 if TYPE_CHECKING:
-    from trainer.classifier.crops import CropConfig
     from trainer.classifier.sources import CropSet
+    from wbc_core.classifier.crops import CropConfig
 
 log = logging.getLogger(__name__)
 
 
 def _is_class_folders(path: Path) -> bool:
     from trainer.classifier.sources import is_bccd_folder
-    from trainer.data.loader import sniff_format
+    from wbc_core.data.loader import sniff_format
 
     if not path.is_dir() or is_bccd_folder(path):
         return False
@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "annotated export; needed by every method but target-only")
     p.add_argument("--target", type=Path, required=True, help="target domain: a CVAT/COCO export or cvat_sync folder "
                    "with labelled cells, or the bccd-wbc folder")
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--method", choices=METHODS, required=True,
+                   help="source-only: train on the source only; target-only: on labelled target cells only; "
+                        "finetune: source, then target cells; dann: domain-adversarial on source + unlabelled target")
     p.add_argument("--stain-norm", choices=STAIN_METHODS, help="colour normalisation to the "
                    "target (default: the config's, none)")
     p.add_argument("--few-shot", type=int, metavar="K", help="use K labelled target cells per class (5 seeded draws); "
@@ -80,12 +82,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
-    from trainer.atomic import atomic_torch_save
-    from trainer.bundle import CLASSIFIER_FILE
     from trainer.classifier.evaluate import plot_confusion
-    from trainer.classifier.infer import classifier_config
     from trainer.classifier.sources import load_target
-    from trainer.classifier.train import Experiment, load_classifier_config, summarise_row
+    from trainer.classifier.train import Experiment, classifier_config, load_classifier_config, summarise_row
+    from wbc_core.atomic import atomic_torch_save
+    from wbc_core.bundle import CLASSIFIER_FILE
 
     cfg = load_classifier_config(args.config)
     if args.stain_norm:
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             break
     print(f"metrics: {args.out / 'metrics.json'}   confusion matrix: {args.out / 'confusion.png'}")
     if args.bundle:
-        from trainer.bundle import attach_classifier
+        from wbc_core.bundle import attach_classifier
 
         attach_classifier(args.bundle, state, config)
         print(f"classifier attached to the bundle {args.bundle}")

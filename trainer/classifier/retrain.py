@@ -10,15 +10,15 @@ import numpy as np
 import torch
 
 from trainer.classifier.evaluate import classification_metrics
-from trainer.classifier.infer import CellClassifier
 from trainer.classifier.sources import crops_from_dataset
-from trainer.classifier.train import ClassifierConfig, Prepared, fit, predict_proba, prepare
+from trainer.classifier.train import ClassifierConfig, Prepared, fit, prepare
+from wbc_core.classifier.infer import CellClassifier, predict_proba
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from trainer.bundle import Bundle
-    from trainer.data.types import AnnotatedDataset
+    from wbc_core.bundle import Bundle
+    from wbc_core.data.types import AnnotatedDataset
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def finetune_bundle_classifier(bundle: Bundle, candidate: Path, data: AnnotatedD
                                ) -> dict[str, Any]:
     """Attach ``bundle``'s classifier to the ``candidate`` bundle, first fine-tuned for ``steps`` class-balanced
     steps on the labelled crops of ``data`` (cells of classes it does not know are left out)."""
-    from trainer.bundle import attach_classifier
+    from wbc_core.bundle import attach_classifier
 
     classifier = CellClassifier.from_bundle(bundle)
     config = dict(bundle.classifier["config"])

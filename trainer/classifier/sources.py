@@ -18,7 +18,7 @@ detector crop shows it, so the cell is first found (:func:`estimate_cell`: its n
 stained pixels that differ from the frame's two dominant colours, background and red cells) and then
 cropped with the same function and margin as target cells: both domains see the cell at the same scale.
 
-**Target frames** are any dataset :func:`trainer.data.loader.load_dataset` reads (CVAT for images 1.1,
+**Target frames** are any dataset :func:`wbc_core.data.loader.load_dataset` reads (CVAT for images 1.1,
 COCO 1.0, ``cvat_sync`` folders; one crop per instance, from its mask or box) or the BCCD folder
 (:func:`load_bccd_labelled`: the single-WBC, single-label images; type from ``labels.csv``).
 """
@@ -39,11 +39,11 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from trainer.classifier.crops import CropConfig, crop_cell, crop_instances
-from trainer.classifier.stain import empty_stats, frame_stats, stack_stats
-from trainer.data.images import ImageReadError, read_rgb
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
-from trainer.labels import RVPBS_LABELS
+from wbc_core.classifier.crops import CropConfig, crop_cell, crop_instances
+from wbc_core.classifier.stain import empty_stats, frame_stats, stack_stats
+from wbc_core.data.images import ImageReadError, read_rgb
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.labels import RVPBS_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def crops_from_dataset(dataset: AnnotatedDataset, crop: CropConfig, domain: str 
 
 
 def _polygon_item(inst: Instance) -> tuple[tuple[float, float, float, float], np.ndarray, tuple[int, int]]:
-    from trainer.data.masks import polygon_to_mask
+    from wbc_core.data.masks import polygon_to_mask
 
     x0, y0, x1, y1 = inst.box
     left, top = int(np.floor(x0)), int(np.floor(y0))
@@ -451,9 +451,9 @@ def load_bccd_labelled(root: str | Path) -> AnnotatedDataset:
 
 
 def load_target(path: str | Path, crop: CropConfig, progress: bool = True) -> CropSet:
-    """Crops of a target: the BCCD folder, or any export :func:`trainer.data.loader.load_dataset` reads."""
-    from trainer.data.loader import load_dataset
-    from trainer.labels import LabelMap
+    """Crops of a target: the BCCD folder, or any export :func:`wbc_core.data.loader.load_dataset` reads."""
+    from wbc_core.data.loader import load_dataset
+    from wbc_core.labels import LabelMap
 
     path = Path(path)
     if is_bccd_folder(path):

@@ -19,7 +19,7 @@ Methods (``--method``):
   target cells.
 
 Every method can normalise colour first (``stain_norm``: Reinhard or Macenko to the target reference, see
-:mod:`trainer.classifier.stain`). Class imbalance is handled by class-balanced sampling: every batch draws
+:mod:`wbc_core.classifier.stain`). Class imbalance is handled by class-balanced sampling: every batch draws
 classes uniformly, then a crop of that class.
 
 **Target protocol** (:func:`split_target`): the labelled pool is a fixed, seeded set of target *frames*
@@ -49,15 +49,16 @@ from tqdm import tqdm
 
 from trainer.classifier import METHODS
 from trainer.classifier.augment import AugmentConfig, augment_batch
-from trainer.classifier.crops import CropConfig, apply_mask
 from trainer.classifier.evaluate import classification_metrics, summarise_draws
-from trainer.classifier.model import CellNet, NetConfig, grad_reverse, standardise, to_unit
 from trainer.classifier.sources import CropSet
-from trainer.classifier.stain import METHODS as STAIN_METHODS
-from trainer.classifier.stain import StainNormalizer
-from trainer.config_io import check_known, dataclass_from_dict, read_yaml_mapping
-from trainer.data.types import DatasetError
-from trainer.labels import RVPBS_LABELS
+from wbc_core.classifier.crops import CropConfig, apply_mask
+from wbc_core.classifier.infer import CLASSIFIER_CONFIG_VERSION, CellClassifier, MergeConfig, predict_proba
+from wbc_core.classifier.model import CellNet, NetConfig, grad_reverse, standardise, to_unit
+from wbc_core.classifier.stain import METHODS as STAIN_METHODS
+from wbc_core.classifier.stain import StainNormalizer
+from wbc_core.config_io import check_known, dataclass_from_dict, read_yaml_mapping
+from wbc_core.data.types import DatasetError
+from wbc_core.labels import RVPBS_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +108,6 @@ class ProtocolConfig:
             raise ValueError(f"protocol.unlabelled must be 'all' or 'pool', not {self.unlabelled!r}")
         if not 0 < self.pool_fraction <= 1:
             raise ValueError(f"protocol.pool_fraction must be in (0, 1], got {self.pool_fraction}")
-
-
-@dataclass
-class MergeConfig:
-    """How the pipeline merges the segmenter's and the classifier's opinions (see trainer.classifier.infer)."""
-
-    classifier_weight: float = 0.75
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.classifier_weight <= 1:
-            raise ValueError(f"merge.classifier_weight must be in [0, 1], got {self.classifier_weight}")
 
 
 @dataclass
@@ -391,24 +381,6 @@ def adabn(model: CellNet, x: torch.Tensor, batch: int = 128) -> None:
 
 
 @torch.inference_mode()
-def predict_proba(model: CellNet, x: torch.Tensor, tta: bool = True, batch: int = 256) -> np.ndarray:
-    """Class probabilities (N, C) of uint8 crops (N, S, S, 3); ``tta`` averages the 8 rotations/flips."""
-    model.eval()
-    out = []
-    dev = _device_of(model)
-    for i in range(0, len(x), batch):
-        xb = standardise(to_unit(x[i:i + batch]).to(dev))
-        if tta:
-            views = [torch.rot90(v, k, dims=(2, 3)) for v in (xb, xb.flip(3)) for k in range(4)]
-            probs = torch.stack([F.softmax(model(v), dim=1) for v in views]).mean(0)
-        else:
-            probs = F.softmax(model(xb), dim=1)
-        out.append(probs.cpu())
-    if not out:
-        return np.zeros((0, model.head[1].out_features), np.float32)
-    return torch.cat(out).numpy()
-
-
 # --- the target protocol -------------------------------------------------------------------------------
 
 def split_target(target: CropSet, cfg: ProtocolConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -471,6 +443,22 @@ class TrainedClassifier:
     config: ClassifierConfig
     method: str
     report: dict[str, Any] = field(default_factory=dict)
+
+
+def classifier_config(trained: TrainedClassifier, metrics: dict[str, Any] | None = None,
+                      provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``classifier.config`` section a bundle stores: everything inference needs, plus metrics."""
+    cfg = trained.config
+    return {"version": CLASSIFIER_CONFIG_VERSION, "classes": list(trained.classes), "method": trained.method,
+            "crop": cfg.crop.to_dict(), "net": cfg.net.to_dict(), "stain": trained.normalizer.to_dict(),
+            "merge": {"classifier_weight": cfg.merge.classifier_weight}, "tta": cfg.train.tta,
+            "metrics": metrics or {}, "provenance": provenance or {}}
+
+
+def cell_classifier(trained: TrainedClassifier) -> CellClassifier:
+    """The pipeline's classifier (:class:`wbc_core.classifier.infer.CellClassifier`) over a freshly trained one."""
+    cfg = trained.config
+    return CellClassifier(trained.model, trained.classes, cfg.crop, trained.normalizer, cfg.merge, cfg.train.tta)
 
 
 def _check_classes(method: str, source: CropSet | None, target_labels: set[str], labelled_target: set[str]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
 
 WBC_LABEL = "wbc"
 MASK_THRESHOLD = 64
@@ -53,3 +53,37 @@ def load_bccd(root: str | Path, split: str) -> AnnotatedDataset:
         records.append(ImageRecord(name=f"{name}.jpg", width=w, height=h, path=image,
                                    instances=mask_instances(mask)))
     return AnnotatedDataset(images=records, labels=[WBC_LABEL], source=f"{root} ({split})")
+
+
+def read_voc_boxes(xml_path: Path, label: str = "RBC") -> list[list[float]]:
+    """Boxes ``[x0, y0, x1, y1]`` (native pixels, x1/y1 exclusive) of the objects named ``label`` (case-insensitive)
+    in one Pascal VOC annotation file. Raises :class:`DatasetError` naming the file when it cannot be parsed."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        raise DatasetError(f"cannot read VOC annotation {xml_path}: {exc}") from exc
+    boxes = []
+    for obj in root.iter("object"):
+        if (obj.findtext("name") or "").strip().lower() != label.lower():
+            continue
+        bb = obj.find("bndbox")
+        try:
+            x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr]
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise DatasetError(f"{xml_path}: a {label} object has no valid bndbox") from exc
+        if x1 > x0 and y1 > y0:
+            boxes.append([x0, y0, x1, y1])
+    return boxes
+
+
+def bccd_rbc_boxes(root: str | Path, names: list[str]) -> dict[str, list[list[float]]]:
+    """RBC boxes of BCCD frames from ``Annotations/<stem>.xml`` (VOC), keyed by frame name (``BloodImage_NNNNN.jpg``,
+    as :func:`load_bccd` names them). Frames without an XML get no entry."""
+    out = {}
+    for name in names:
+        xml = Path(root) / "Annotations" / f"{Path(name).stem}.xml"
+        if xml.is_file():
+            out[name] = read_voc_boxes(xml, "RBC")
+    return out

@@ -14,11 +14,59 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+PRIVATE = 0o600  # ``mode=PRIVATE``: readable and writable by the owner only, whatever the umask
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+
+def _umask_by_setting() -> int:
+    """The umask read the only portable way, by setting it and back. Briefly 077 so that a file another
+    thread creates in between is too private rather than too open; used once, at import."""
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
+_UMASK_AT_IMPORT = _umask_by_setting()
+
+
+def current_umask() -> int:
+    """The process umask now: from ``/proc/self/status`` (Linux >= 4.7; a read, so thread-safe), else the
+    value read at import."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def default_mode() -> int:
+    """What ``open(path, "w")`` would create: ``0o666`` less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def _temp_file(path: Path, mode: int | None) -> tuple[int, str]:
+    """A 0600 temporary file next to ``path``, then set to ``mode`` (default: :func:`default_mode`).
+
+    ``mkstemp`` always creates 0600; ``fchmod`` on the open descriptor widens it before any data is in
+    it, and the final ``os.replace`` keeps the mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, default_mode() if mode is None else mode)
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically. The file gets ``mode`` (e.g. :data:`PRIVATE` for credentials),
+    by default ``0o666 & ~umask`` like any other file the process creates."""
+    path = Path(path)
+    fd, tmp = _temp_file(path, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -30,12 +78,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+def atomic_torch_save(obj: Any, path: str | Path, mode: int | None = None) -> None:
+    """``torch.save`` to ``path`` atomically; ``mode`` as in :func:`atomic_write_bytes`."""
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path, mode)
     os.close(fd)
     try:
         torch.save(obj, tmp)

@@ -30,7 +30,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from trainer.config_io import dataclass_from_dict
+from wbc_core.config_io import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 

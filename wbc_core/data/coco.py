@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from trainer.atomic import atomic_write_bytes
-from trainer.data import masks as mask_ops
-from trainer.data.cvat_xml import clip_to_frame, extract_zip, find_image, open_zip
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.atomic import atomic_write_bytes
+from wbc_core.data import masks as mask_ops
+from wbc_core.data.cvat_xml import clip_to_frame, extract_zip, find_image, open_zip
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
 
 log = logging.getLogger(__name__)
 

@@ -157,3 +157,19 @@ def decode_jpeg_torch(data: bytes, min_long_side: int | None, device: str | torc
     chw = orient_chw(chw, orientation)
     rgb = np.ascontiguousarray(chw.permute(1, 2, 0).cpu().numpy())
     return rgb, max(rgb.shape[:2]) / max(width, height)
+
+
+def pil_to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any PIL image as 8-bit RGB (H, W, 3); 16/32-bit and float greys are scaled, not clipped; palette and
+    alpha images are flattened. EXIF orientation is not applied here (callers do, with ImageOps)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if arr.dtype.kind == "f":
+            top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 65535.0
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or int(arr.max(initial=0)) > 255 else 255.0
+        grey = np.clip(np.nan_to_num(arr.astype(np.float64)) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if img.mode != "RGB":
+        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA", "LA") else img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from trainer.data.coco import instances_files, read_coco
-from trainer.data.cvat_xml import ANNOTATIONS_XML, open_zip, read_cvat_xml
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord
-from trainer.labels import LabelMap
+from wbc_core.data.coco import instances_files, read_coco
+from wbc_core.data.cvat_xml import ANNOTATIONS_XML, open_zip, read_cvat_xml
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord
+from wbc_core.labels import LabelMap
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The stand-in's REST routes: routing, auth, organization scope, content negotiation, JSON shapes, exports.
 
 Everything here runs under the state lock; the HTTP plumbing (gzip, chunking, faults, the log) is in
-:mod:`cvat_sync.standin.server`.
+:mod:`tests.cvat_standin.server`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import secrets
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import timedelta, timezone
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlencode
@@ -24,8 +28,8 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 import cv2
 import numpy as np
 
-from cvat_sync.standin import exports
-from cvat_sync.standin.state import (
+from tests.cvat_standin import exports
+from tests.cvat_standin.state import (
     CHUNK_SIZE,
     JOB_STAGES,
     JOB_STATES,
@@ -42,7 +46,7 @@ from cvat_sync.standin.state import (
 )
 
 if TYPE_CHECKING:
-    from cvat_sync.standin.server import StandinCVAT
+    from tests.cvat_standin.server import StandinCVAT
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +154,7 @@ def _bool(value: str | None, default: bool = False) -> bool:
 
 
 class Api:
-    """Routes of CVAT 2.23.1 over a :class:`~cvat_sync.standin.server.StandinCVAT` state."""
+    """Routes of CVAT 2.23.1 over a :class:`~tests.cvat_standin.server.StandinCVAT` state."""
 
     def __init__(self, cvat: StandinCVAT) -> None:
         self.cvat = cvat
@@ -580,7 +584,7 @@ class Api:
         for user in self.cvat.users.values():
             if (user.username == name or (email and user.email == email)) and user.password == password:
                 user.last_login = self.cvat.now()
-                return self.render(ctx, 200, {"key": user.token})
+                return self.render(ctx, 200, {"key": user.token}, self.session_cookies())
         raise HttpError(json_resp(400, {"non_field_errors": ["Unable to log in with provided credentials."]}))
 
     def logout(self, ctx: Ctx, m: re.Match[str]) -> Resp:
@@ -600,7 +604,26 @@ class Api:
         return self.render(ctx, 201, {"username": name, "email": data.get("email", ""),
                                       "first_name": data.get("first_name", ""),
                                       "last_name": data.get("last_name", ""), "email_verification_required": False,
-                                      "key": token})
+                                      "key": token},
+                           [("set-cookie", f"messages={secrets.token_urlsafe(24)}; HttpOnly; Path=/; SameSite=Lax"),
+                            *self.session_cookies()])
+
+    def session_cookies(self) -> list[tuple[str, str]]:
+        """The ``Set-Cookie`` headers of a login or registration (fixtures 01 and 56): ``csrftoken`` (a year),
+        ``sessionfresh=1`` (a day) and ``sessionid`` (two weeks). cvat-sdk's ``Client.login`` asserts that
+        ``sessionid`` and ``csrftoken`` arrive. The stand-in hands out fresh random values but authenticates
+        only by the ``Authorization`` header, never by these cookies."""
+        now = self.cvat.now().replace(microsecond=0)
+
+        def cookie(name: str, value: str, max_age: int, http_only: bool) -> tuple[str, str]:
+            expires = format_datetime(now + timedelta(seconds=max_age), usegmt=True)
+            flags = "; HttpOnly" if http_only else ""
+            return ("set-cookie", f"{name}={value}; expires={expires}{flags}; Max-Age={max_age}; Path=/; "
+                                  "SameSite=Lax")
+
+        return [cookie("csrftoken", secrets.token_hex(16), 31449600, False),
+                cookie("sessionfresh", "1", 86400, True),
+                cookie("sessionid", secrets.token_hex(16), 1209600, True)]
 
     def users_self(self, ctx: Ctx, m: re.Match[str]) -> Resp:
         u = ctx.user
@@ -638,16 +661,19 @@ class Api:
         task = self.get_task(ctx, int(m.group(1)))
         return self.render(ctx, 200, self.meta_json(task, 0, max(len(task.frames) - 1, 0)))
 
-    def frame(self, ctx: Ctx, task: Task, first: int, last: int) -> Resp:
+    def frame(self, ctx: Ctx, task: Task, first: int, last: int, chunks: bool = False) -> Resp:
+        """``GET …/data``: ``type=frame`` (tasks and jobs) and ``type=chunk`` (tasks only, ``chunks=True``)."""
         kind = ctx.q("type")
         if kind not in ("frame", "chunk", "context_image"):
             raise HttpError(json_resp(400, {"type": [f'"{kind}" is not a valid choice.' if kind else
                                                      "This field is required."]}))
-        if kind != "frame":
-            raise HttpError(json_resp(400, [f"The CVAT stand-in serves only type=frame, not type={kind}"]))
+        if kind != "frame" and not (kind == "chunk" and chunks):
+            raise HttpError(json_resp(400, [f"The CVAT stand-in serves only type=frame here, not type={kind}"]))
         quality = ctx.q("quality", "compressed")
         if quality not in ("original", "compressed"):
             raise HttpError(json_resp(400, {"quality": [f'"{quality}" is not a valid choice.']}))
+        if kind == "chunk":
+            return self.chunk(ctx, task, quality)
         number = self._int_q(ctx, "number")
         if number is None or not first <= number <= last:
             raise HttpError(json_resp(400, [f"The frame number should be in the [{first}, {last}] range"]))
@@ -662,7 +688,43 @@ class Api:
         task = self.get_task(ctx, int(m.group(1)))
         if not task.frames:
             raise HttpError(json_resp(400, ["The task has no data"]))
-        return self.frame(ctx, task, 0, len(task.frames) - 1)
+        return self.frame(ctx, task, 0, len(task.frames) - 1, chunks=True)
+
+    def chunk(self, ctx: Ctx, task: Task, quality: str) -> Resp:
+        """``type=chunk&number=K`` of an image task, as CVAT 2.23's ``_TaskDataGetter`` answers it.
+
+        A zip of the ``CHUNK_SIZE`` frames from ``K * CHUNK_SIZE`` on (deleted frames included), in frame order,
+        stored uncompressed, named ``000000.<ext>``, ``000001.<ext>``, … by their index in the chunk:
+        ``original`` holds each frame's bytes as uploaded (``ZipChunkWriter``; ``ext`` from the file name),
+        ``compressed`` the frames re-encoded as JPEG at ``image_quality`` (``ZipCompressedChunkWriter``,
+        ``.jpeg``). ``application/zip`` with ``X-Checksum`` (CRC32 of the first 1000 bytes seeded with the
+        CRC32 of the length, as CVAT computes it) and ``X-Updated-Date`` (the chunks' update time). A bad
+        chunk number is a 400 whose body is a bare JSON string (the view turns the ``ValidationError`` into
+        ``Response(data=msg)``); no ``number`` is a 400 list, raised before that ``try``.
+        """
+        number_raw = ctx.q("number")
+        if number_raw is None:
+            raise HttpError(json_resp(400, ["Number is not specified"]))
+        number = self._int_q(ctx, "number")
+        last = math.ceil(len(task.frames) / CHUNK_SIZE) - 1
+        if number is None or not 0 <= number <= last:
+            raise HttpError(json_resp(400, f"Invalid chunk number '{number_raw}'. "
+                                           f"The chunk number should be in the [0, {last}] range"))
+        updated = task.chunks_updated or task.created
+        stamp = updated.astimezone(timezone.utc).timetuple()[:6]
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+            for index, frame in enumerate(task.frames[number * CHUNK_SIZE:(number + 1) * CHUNK_SIZE]):
+                if quality == "original":
+                    data, ext = frame.data, os.path.splitext(frame.name)[1].replace(".", "")
+                else:
+                    if frame.compressed is None:
+                        frame.compressed = _recompress(frame.data, task.image_quality)
+                    data, ext = frame.compressed, "jpeg"
+                zf.writestr(zipfile.ZipInfo(f"{index:06d}.{ext}", date_time=stamp), data)
+        body = buf.getvalue()
+        checksum = zlib.crc32(body[:1000], zlib.crc32(str(len(body)).encode()))
+        return Resp(200, body, "application/zip", [("x-checksum", str(checksum)), ("x-updated-date", iso(updated))])
 
     def task_annotations(self, ctx: Ctx, m: re.Match[str]) -> Resp:
         if ctx.q("format") is not None:

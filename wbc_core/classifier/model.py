@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config_io import dataclass_from_dict
+from wbc_core.config_io import dataclass_from_dict
 
 
 @dataclass

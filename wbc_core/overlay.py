@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainer.data.images import read_rgb, resize_to
-from trainer.data.types import Instance
+from wbc_core.data.images import read_rgb, resize_to
+from wbc_core.data.types import Instance
 
 GT_COLOUR = (40, 220, 40)
 PRED_COLOUR = (230, 40, 230)

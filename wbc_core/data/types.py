@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data import masks as mask_ops
+from wbc_core.data import masks as mask_ops
 
 
 class DatasetError(ValueError):

@@ -14,9 +14,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cvat_sync.standin.state import CvatState
-from trainer.data.cvat_xml import label_color
-from trainer.data.masks import cvat_rle_decode, cvat_rle_encode, tight_crop
+from tests.cvat_standin.state import CvatState
+from wbc_core.data.cvat_xml import label_color
+from wbc_core.data.masks import cvat_rle_decode, cvat_rle_encode, tight_crop
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def dataset_shapes(folder: str | Path, label_ids: dict[str, int], shift: float =
     """The polygons of an annotated dataset folder (any export the trainer reads; frames in name order) as
     CVAT API shapes. ``shift`` > 0 corrupts them on purpose: every outline moves by that share of the frame
     (wrapping around), so it outlines background instead of its cell."""
-    from trainer.data.loader import load_dataset
+    from wbc_core.data.loader import load_dataset
 
     shapes = []
     records = sorted(load_dataset(folder).images, key=lambda r: r.name)
@@ -173,7 +173,7 @@ def task_from_dataset(server: CvatState, folder: str | Path, name: str, *, segme
                       completed: bool = True, **task_kwargs: Any) -> int:
     """A task holding a dataset folder's own image files (byte for byte, name order) and its polygons, with the
     10 RV-PBS labels; every job ``completed`` unless told otherwise. Returns the task id."""
-    from trainer.labels import RVPBS_LABELS
+    from wbc_core.labels import RVPBS_LABELS
 
     folder = Path(folder)
     paths = sorted(p for p in (folder / "images").iterdir() if p.is_file())

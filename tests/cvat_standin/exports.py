@@ -1,7 +1,7 @@
 """Export zips ("COCO 1.0", "CVAT for images 1.1") built from the stand-in's current task state, laid out like
 the real CVAT 2.23.1 zips (captures README section 13), plus the export request ids and file names.
 
-- COCO 1.0: ``annotations/instances_default.json`` (compact JSON from :func:`trainer.data.coco.coco_dict`,
+- COCO 1.0: ``annotations/instances_default.json`` (compact JSON from :func:`wbc_core.data.coco.coco_dict`,
   keys re-ordered as Datumaro writes them) and, with images, ``images/default/<frame name>``.
 - CVAT for images 1.1: ``annotations.xml`` (written here, byte for byte in the real layout: task meta with
   segments and owner, labels with ``<type>``, ``<polygon>``/``<mask>``/``<box>`` with 2-decimal coordinates)
@@ -23,10 +23,10 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from cvat_sync.standin.state import CvatState, Label, Task
-from trainer.data.coco import coco_dict
-from trainer.data.masks import cvat_rle_decode
-from trainer.data.types import AnnotatedDataset, ImageRecord, Instance
+from tests.cvat_standin.state import CvatState, Label, Task
+from wbc_core.data.coco import coco_dict
+from wbc_core.data.masks import cvat_rle_decode
+from wbc_core.data.types import AnnotatedDataset, ImageRecord, Instance
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def export_filename(task: Task, fmt: str, save_images: bool) -> str:
 # --- CVAT API shapes -> trainer types --------------------------------------------------------------------
 
 def shape_to_instance(shape: dict[str, Any], labels: dict[int, Label]) -> Instance | None:
-    """One stored API shape as a :class:`trainer.data.types.Instance` (None for unsupported types)."""
+    """One stored API shape as a :class:`wbc_core.data.types.Instance` (None for unsupported types)."""
     label = labels[shape["label_id"]]
     attr_names = {a["id"]: a["name"] for a in label.attributes}
     attributes = {attr_names.get(a.get("spec_id"), str(a.get("spec_id"))): str(a.get("value", ""))

@@ -1,4 +1,4 @@
-"""Run the CVAT stand-in by hand: ``python -m cvat_sync.standin --port 8080 --task-from-xml BASOPHILS.xml``."""
+"""Run the CVAT stand-in by hand: ``python -m tests.cvat_standin --port 8080 --task-from-xml BASOPHILS.xml``."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import logging
 import time
 
-from cvat_sync.standin import StandinCVAT, task_from_cvat_xml
+from tests.cvat_standin import StandinCVAT, task_from_cvat_xml
 
-log = logging.getLogger("cvat_sync.standin")
+log = logging.getLogger("tests.cvat_standin")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cvat_sync.standin", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.cvat_standin", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--version", default="2.23.1", help="CVAT version to act as (2.32.0+: newer API)")

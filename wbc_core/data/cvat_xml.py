@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.atomic import atomic_write_bytes
-from trainer.data import masks as mask_ops
-from trainer.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.atomic import atomic_write_bytes
+from wbc_core.data import masks as mask_ops
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
 
 log = logging.getLogger(__name__)
 

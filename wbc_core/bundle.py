@@ -23,8 +23,9 @@ from typing import Any
 import torch
 import yaml
 
-from trainer.atomic import atomic_torch_save, atomic_write_bytes, sha256_file
-from trainer.model import SegmenterConfig, build_model
+from wbc_core.atomic import atomic_torch_save, atomic_write_bytes, sha256_file
+from wbc_core.contract import DEFAULT_MAX_CELLS, Contract, contract_for
+from wbc_core.model import SegmenterConfig, build_model
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,29 @@ class Bundle:
     classifier: dict[str, Any] | None = None   # bundle.yaml's optional classifier section (file, sha256, config)
 
     @property
+    def max_cells(self) -> int:
+        """Cells returned per frame at most (``max_cells`` in bundle.yaml, else the contract's default)."""
+        return int(self.raw.get("max_cells") or DEFAULT_MAX_CELLS)
+
+    @property
+    def scale(self) -> dict[str, Any] | None:
+        """``preprocessing.scale`` of bundle.yaml: e.g. ``{"mode": "rbc", "rbc_px": 48, ...}`` (frames resized so
+        red cells have that diameter at the model's input, wbc_core.scale), or None (fixed min/max size)."""
+        value = (self.raw.get("preprocessing") or {}).get("scale")
+        return dict(value) if isinstance(value, dict) else None
+
+    @property
+    def classifier_classes(self) -> list[str] | None:
+        if not self.classifier:
+            return None
+        return [str(c) for c in (self.classifier.get("config") or {}).get("classes") or []]
+
+    @property
+    def contract(self) -> Contract:
+        """The labels and attributes this bundle can return to CVAT (:mod:`wbc_core.contract`)."""
+        return contract_for(self.classes, self.classifier_classes)
+
+    @property
     def segmenter_path(self) -> Path:
         return self.directory / str((self.raw.get("segmenter") or {}).get("file", SEGMENTER_FILE))
 
@@ -73,8 +97,11 @@ class Bundle:
 
 def write_bundle(directory: Path, model: torch.nn.Module, classes: list[str], model_config: SegmenterConfig,
                  score_threshold: float, metrics: dict[str, Any] | None = None,
-                 provenance: dict[str, Any] | None = None) -> Path:
-    """Write a bundle into ``directory`` (created; files replaced atomically, bundle.yaml last)."""
+                 provenance: dict[str, Any] | None = None, scale: dict[str, Any] | None = None) -> Path:
+    """Write a bundle into ``directory`` (created; files replaced atomically, bundle.yaml last).
+
+    ``scale``: how inference sizes a frame for the model (``preprocessing.scale``, see :attr:`Bundle.scale`);
+    None: the fixed ``min_size``/``max_size`` resize."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / SEGMENTER_FILE
@@ -84,7 +111,7 @@ def write_bundle(directory: Path, model: torch.nn.Module, classes: list[str], mo
         "classes": list(classes),
         "segmenter": {"file": SEGMENTER_FILE, "sha256": sha256_file(weights), "config": model_config.to_dict()},
         "preprocessing": {"max_size": model_config.max_size, "min_size": model_config.min_size,
-                          "colour": "RGB", "range": "0-1"},
+                          "colour": "RGB", "range": "0-1", **({"scale": dict(scale)} if scale else {})},
         "score_threshold": float(score_threshold),
         "metrics": metrics or {},
         "provenance": provenance or {},
@@ -159,6 +186,9 @@ def load_bundle(directory: str | Path) -> Bundle:
     classes = [str(c) for c in meta.get("classes") or []]
     if not classes:
         raise BundleError(f"{meta_path} lists no classes")
+    max_cells = meta.get("max_cells")
+    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1):
+        raise BundleError(f"{meta_path}: max_cells must be a positive integer, got {max_cells!r}")
     return Bundle(directory=directory, classes=classes, model_config=cfg,
                   score_threshold=float(meta.get("score_threshold", 0.5)),
                   metrics=meta.get("metrics") or {}, provenance=meta.get("provenance") or {}, raw=meta,

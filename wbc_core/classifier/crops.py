@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from trainer.config_io import dataclass_from_dict
+from wbc_core.config_io import dataclass_from_dict
 
 #: Value that replaces the pixels outside the cell in masked crops.
 MASK_FILL = 128

@@ -1,20 +1,21 @@
 """The classifier inside the pipeline: crop every detected cell, classify, merge with the segmenter's label.
 
 :class:`CellClassifier` is built from a model bundle's optional classifier (``classifier.pt`` + the
-``classifier`` section of ``bundle.yaml``) and used by :class:`trainer.predict.Predictor` after the masks are
-computed: the cells are cropped with :func:`trainer.classifier.crops.crop_instances` from the image the
+``classifier`` section of ``bundle.yaml``) and used by :class:`wbc_core.detect.Predictor` after the masks are
+computed: the cells are cropped with :func:`wbc_core.classifier.crops.crop_instances` from the image the
 pipeline already decoded (no second decode), colour-normalised with the statistics of that slide, and
 classified in one batch.
 
 **Merge rule** (:func:`merge_opinions`). The segmenter gives one label ``L`` with score ``s``; the classifier
 gives probabilities ``p`` over its classes. With ``w = merge.classifier_weight`` (default 0.75) each candidate
 label ``c`` gets the support ``w * p(c) + (1 - w) * s * [c == L]`` and the cell takes the label of highest
-support; its score is that support (agreement keeps the score high, a disagreement lowers it and marks the
-cell for review). With w = 0.75 the classifier overrides the segmenter when its top class beats its
-probability of ``L`` by more than ``s / 3``. Two exceptions: a segmenter label the classifier was never
-trained on (e.g. ``blast cell``, which PBC lacks) is kept with its score, since the classifier cannot judge it;
-and a segmenter with a single class (``wbc``: detection only) has no opinion on the type, so the classifier's
-label is taken, with score ``s * p(label)``.
+support; its score is that support, but never above ``s`` (a disagreement lowers it and marks the cell for
+review; the classifier can name a cell, not vouch that it is one, so no merge raises a score and the
+segmenter's candidates filtered at the threshold lose nothing). With w = 0.75 the classifier overrides the
+segmenter when its top class beats its probability of ``L`` by more than ``s / 3``. Two exceptions: a
+segmenter label the classifier was never trained on (e.g. ``blast cell``, which PBC lacks) is kept with its
+score, since the classifier cannot judge it; and a segmenter with a single class (``wbc``: detection only) has
+no opinion on the type, so the classifier's label is taken, with score ``s * p(label)``.
 
 Both opinions are kept on the cell as string attributes (see :data:`ATTRIBUTES`).
 """
@@ -27,26 +28,51 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from trainer.classifier.crops import CropConfig, apply_mask, crop_instances
-from trainer.classifier.model import CellNet, NetConfig
-from trainer.classifier.stain import StainNormalizer, frame_stats
-from trainer.classifier.train import MergeConfig, TrainedClassifier, predict_proba
-from trainer.config_io import dataclass_from_dict
+from wbc_core.classifier.crops import CropConfig, apply_mask, crop_instances
+from wbc_core.classifier.model import CellNet, NetConfig, standardise, to_unit
+from wbc_core.classifier.stain import StainNormalizer, frame_stats
+from wbc_core.config_io import dataclass_from_dict
+from wbc_core.contract import CLASSIFIER_ATTRIBUTES, SEGMENTER_ATTRIBUTES
 
 if TYPE_CHECKING:
-    from trainer.bundle import Bundle
-    from trainer.predict import Cell
+    from wbc_core.bundle import Bundle
+    from wbc_core.detect import Cell
 
 #: The attributes :meth:`CellClassifier.refine` sets on every cell (all values are strings).
-ATTRIBUTES = {
-    "segmenter_label": "the segmenter's label",
-    "segmenter_score": "the segmenter's score, 3 decimals",
-    "classifier_label": "the classifier's most probable label",
-    "classifier_score": "the classifier's probability of that label, 3 decimals",
-    "decided_by": "agree | classifier | segmenter: whose label the cell has",
-}
+ATTRIBUTES = {**SEGMENTER_ATTRIBUTES, **CLASSIFIER_ATTRIBUTES}
 CLASSIFIER_CONFIG_VERSION = 1
+
+
+@dataclass
+class MergeConfig:
+    """How the pipeline merges the segmenter's and the classifier's opinions (see the module doc)."""
+
+    classifier_weight: float = 0.75
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.classifier_weight <= 1:
+            raise ValueError(f"merge.classifier_weight must be in [0, 1], got {self.classifier_weight}")
+
+
+def predict_proba(model: CellNet, x: torch.Tensor, tta: bool = True, batch: int = 256) -> np.ndarray:
+    """Class probabilities (N, C) of uint8 crops (N, S, S, 3); ``tta`` averages the 8 rotations/flips."""
+    model.eval()
+    out = []
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            xb = standardise(to_unit(x[i:i + batch]).to(dev))
+            if tta:
+                views = [torch.rot90(v, k, dims=(2, 3)) for v in (xb, xb.flip(3)) for k in range(4)]
+                probs = torch.stack([F.softmax(model(v), dim=1) for v in views]).mean(0)
+            else:
+                probs = F.softmax(model(xb), dim=1)
+            out.append(probs.cpu())
+    if not out:
+        return np.zeros((0, model.head[1].out_features), np.float32)
+    return torch.cat(out).numpy()
 
 
 @dataclass
@@ -70,21 +96,11 @@ def merge_opinions(seg_label: str, seg_score: float, probs: np.ndarray, classes:
         support = {c: weight * float(p) for c, p in zip(classes, probs, strict=True)}
         support[seg_label] = support.get(seg_label, 0.0) + (1.0 - weight) * seg_score
         label = max(support, key=lambda c: (support[c], c == seg_label))
-        score = support[label]
+        score = min(support[label], seg_score)  # the classifier names a cell; it cannot vouch that it is one
     decided = "agree" if cls_label == seg_label else ("classifier" if label == cls_label else "segmenter")
     attributes = {"segmenter_label": seg_label, "segmenter_score": f"{seg_score:.3f}",
                   "classifier_label": cls_label, "classifier_score": f"{cls_score:.3f}", "decided_by": decided}
     return MergeResult(label=label, score=float(score), attributes=attributes)
-
-
-def classifier_config(trained: TrainedClassifier, metrics: dict[str, Any] | None = None,
-                      provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``classifier.config`` section a bundle stores: everything inference needs, plus metrics."""
-    cfg = trained.config
-    return {"version": CLASSIFIER_CONFIG_VERSION, "classes": list(trained.classes), "method": trained.method,
-            "crop": cfg.crop.to_dict(), "net": cfg.net.to_dict(), "stain": trained.normalizer.to_dict(),
-            "merge": {"classifier_weight": cfg.merge.classifier_weight}, "tta": cfg.train.tta,
-            "metrics": metrics or {}, "provenance": provenance or {}}
 
 
 class CellClassifier:
@@ -108,13 +124,8 @@ class CellClassifier:
                    tta=bool(config.get("tta", True)))
 
     @classmethod
-    def from_trained(cls, trained: TrainedClassifier) -> CellClassifier:
-        return cls(trained.model, trained.classes, trained.config.crop, trained.normalizer, trained.config.merge,
-                   trained.config.train.tta)
-
-    @classmethod
     def from_bundle(cls, bundle: Bundle) -> CellClassifier:
-        from trainer.bundle import BundleError
+        from wbc_core.bundle import BundleError
 
         path = bundle.classifier_path
         if path is None:

@@ -23,9 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from trainer.classifier import STAIN_METHODS
-
-METHODS = STAIN_METHODS
+METHODS = ("none", "reinhard", "macenko")
 STATS_SIDE = 256
 _OD_BETA = 0.15     # Macenko: OD below this (on every channel) is background
 _ALPHA = 1.0        # Macenko: percentile of the extreme angles

@@ -4,7 +4,7 @@ Checked against the real captures in ``shared/reference/cvat-2.23.1-captures`` (
 formats, status codes, the four error body shapes, pagination links, trailing-slash rules, gzip, the export
 flows). Usage::
 
-    from cvat_sync.standin import StandinCVAT, task_from_cvat_xml
+    from tests.cvat_standin import StandinCVAT, task_from_cvat_xml
 
     with StandinCVAT() as cvat:                      # port 0: any free port; admin/admin is user 1
         tid = cvat.add_task("t", frames=[("a.jpg", jpeg)], labels=[{"name": "wbc", "type": "polygon"}])
@@ -53,7 +53,7 @@ method=None, path_contains=None, status=503, retry_after=1, delay=0.5, fraction=
 ``fired``). Kinds ``status``, ``throttle``, ``delay``, ``reset``, ``drop``,
 ``truncate``, ``export_fail``; route kinds ``server``, ``auth``, ``user``, ``list``, ``detail``, ``meta``,
 ``frame``, ``annotations``, ``export``, ``request``, ``download``, ``update``, ``unknown`` or ``any``
-(details in :mod:`cvat_sync.standin.faults`).
+(details in :mod:`tests.cvat_standin.faults`).
 
 Request log: ``cvat.log`` (list of :class:`LogEntry`: ``method, path, query, status, kind, bytes, fault, user,
 seconds, gzip``; ``status`` 0 for a reset), ``log_where(kind=, status=, method=)``, ``bytes_sent(kind=None)``,
@@ -61,10 +61,16 @@ seconds, gzip``; ``status`` 0 for a reset), ``log_where(kind=, status=, method=)
 
 HTTP routes besides the reads and exports: ``POST /api/auth/register``, ``PUT``/``PATCH``
 (``action=create|update|delete``)/``DELETE`` of task and job annotations, ``PATCH /api/jobs/{id}`` (state,
-stage), job ``data``/``data/meta``, ``GET /api/requests`` and ``/api/labels/{id}``.
+stage), job ``data``/``data/meta``, ``GET /api/requests`` and ``/api/labels/{id}``. Task chunks
+(``GET /api/tasks/{id}/data?type=chunk&number=K&quality=original|compressed``: a zip of the chunk's frames,
+``000000.<ext>`` …, with ``X-Checksum``/``X-Updated-Date``, as cvat-sdk's ``TaskDataset`` and
+``auto_annotation.annotate_task`` read them; route kind ``frame``). Login and registration set the
+``csrftoken``/``sessionfresh``/``sessionid`` cookies as CVAT does (cvat-sdk's ``Client.login`` requires them).
 
 Not like real CVAT (known): no task creation/upload or project creation over HTTP (builder API only), no
-tracks/tags, no chunks (``type=chunk``), no cookies/sessions, no job or project exports, only "COCO 1.0" and
+tracks/tags, no job chunks (``/api/jobs/{id}/data?type=chunk``), chunks hold the frames' bytes as given (CVAT
+re-encodes EXIF-rotated and TIFF frames upright in ``original`` chunks), the session cookies are handed out
+but never authenticate (only the ``Authorization`` header does), no job or project exports, only "COCO 1.0" and
 "CVAT for images 1.1" zips (other valid formats end ``failed``), no ``queued`` state unless ``export_polls``
 >= 2 (a request finishes only when polled), no BREACH random padding in gzip (a few-hundred-byte body is
 gzipped whenever that makes it shorter; Django's padding makes that a coin flip), the 404 debug page is short,
@@ -73,10 +79,10 @@ are left out of exports, and the >= 2.32 behaviour (PATs, new rq ids, download e
 not captures (real PATs arrived later than 2.32).
 """
 
-from cvat_sync.standin.faults import FAULT_KINDS, ROUTE_KINDS, Fault
-from cvat_sync.standin.server import LogEntry, StandinCVAT
-from cvat_sync.standin.state import StateError
-from cvat_sync.standin.xmltask import (
+from tests.cvat_standin.faults import FAULT_KINDS, ROUTE_KINDS, Fault
+from tests.cvat_standin.server import LogEntry, StandinCVAT
+from tests.cvat_standin.state import StateError
+from tests.cvat_standin.xmltask import (
     dataset_shapes,
     label_ids,
     synthetic_slide_jpeg,

@@ -4,6 +4,7 @@ GZipMiddleware, chunked file downloads, fault injection and the request log. See
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import re
@@ -16,9 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from cvat_sync.standin.api import Api, Ctx, HttpError, Resp, json_resp, text_resp
-from cvat_sync.standin.faults import Fault, FaultSet
-from cvat_sync.standin.state import CvatState
+from tests.cvat_standin.api import Api, Ctx, HttpError, Resp, json_resp, text_resp
+from tests.cvat_standin.faults import Fault, FaultSet
+from tests.cvat_standin.state import CvatState
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,9 @@ _REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unav
 class LogEntry:
     """One request as the stand-in saw it: ``bytes`` = body bytes written to the socket (after gzip; only the
     part sent for a ``drop``/``truncate``), ``fault`` = the fault that fired (``"delay"`` when only a delay did),
-    ``status`` 0 for a ``reset``, ``kind`` = the route kind (see :data:`~cvat_sync.standin.faults.ROUTE_KINDS`)."""
+    ``status`` 0 for a ``reset``, ``kind`` = the route kind (see :data:`~tests.cvat_standin.faults.ROUTE_KINDS`),
+    ``seconds`` = time until the response was ready to send. An entry is logged before its response is sent, so
+    it is in ``log`` by the time the client has the response."""
 
     method: str
     path: str
@@ -150,7 +153,7 @@ class StandinCVAT(CvatState):
     def add_fault(self, kind: str, route: str | tuple[str, ...] = "any", *, rate: float = 1.0,
                   times: int | None = None, method: str | None = None, path_contains: str | None = None,
                   **options: Any) -> Fault:
-        """Switch a fault on (see :mod:`cvat_sync.standin.faults`); returns it (``.fired`` counts firings)."""
+        """Switch a fault on (see :mod:`tests.cvat_standin.faults`); returns it (``.fired`` counts firings)."""
         return self.faults.add(Fault(kind=kind, route=route, rate=rate, times=times, method=method,
                                      path_contains=path_contains, **options))
 
@@ -200,13 +203,14 @@ class StandinCVAT(CvatState):
         host = h.headers.get("Host") or f"{self.host}:{self.port}"
         ctx = Ctx(method=method, path=path, query=query, headers=h.headers, body=body, base=f"http://{host}")
 
-        def record(status: int, sent: int, gz: bool) -> None:
+        def record(status: int, sent: int, gz: bool) -> LogEntry:
             entry = LogEntry(method=method, path=path, query=raw_query, status=status, kind=route.kind, bytes=sent,
                              fault=fault.kind if fault else "delay" if delayed else None,
                              user=ctx.user.username if ctx.user else None,
                              seconds=time.perf_counter() - started, gzip=gz)
             with self._log_lock:
                 self._log.append(entry)
+            return entry
 
         if fault is not None and fault.kind == "reset":
             record(0, 0, False)
@@ -226,13 +230,23 @@ class StandinCVAT(CvatState):
                 resp = fault_response(Fault(kind="status", status=500))
         resp, gz = self._gzip(h, resp)
         cut = fault if fault is not None and fault.kind in ("drop", "truncate") else None
+        head = method == "HEAD"
+        # Logged before the response goes out, so a client that reads ``log`` right after its response already
+        # finds the entry (and a later ``reset_log()`` never catches a late one); corrected if the send fails.
+        planned = 0 if head else len(resp.body) if cut is None else int(len(resp.body) * cut.fraction)
+        entry = record(resp.status, planned, gz)
         try:
-            sent = self._send(h, resp, cut, head=method == "HEAD")
+            sent = self._send(h, resp, cut, head=head)
         except (BrokenPipeError, ConnectionResetError) as exc:
             log.debug("stand-in: client went away during %s %s: %s", method, path, exc)
             h.close_connection = True
             sent = 0
-        record(resp.status, sent, gz)
+        if sent != planned:
+            with self._log_lock:
+                for index, logged in enumerate(self._log):
+                    if logged is entry:
+                        self._log[index] = dataclasses.replace(entry, bytes=sent)
+                        break
 
     @staticmethod
     def _gzip(h: _Handler, resp: Resp) -> tuple[Resp, bool]:

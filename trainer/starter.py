@@ -1,0 +1,105 @@
+"""Train the starter model: one class-agnostic WBC segmenter from every public set we may use, in one command.
+
+``python -m trainer train-starter --config trainer/configs/starter.yaml --data-root ../shared/data --out runs/starter``
+reads the sets the config lists (see :mod:`trainer.multiset`), checks them all, draws the synthetic slides
+into ``--out``, trains with domain randomisation and red-cell scale normalisation, and writes the model bundle
+to ``--out/bundle`` with each set's frames, cells, licence and attribution in its provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from trainer.train_segmenter import CHECKPOINT
+
+log = logging.getLogger("trainer.starter")
+
+DESCRIPTION = """\
+Train the starter WBC segmenter on several training sets at once (class-agnostic: every white cell is
+'wbc'; the crop classifier names the type later) and write a model bundle to OUT/bundle.
+
+The config lists the sets with their kind (bccd, bionet, synthetic, export), path under --data-root, split,
+sampling weight (share of batches), whether they have outlines (masks: true trains the mask head; masks: false
+sets such as Bio-Net train only the box/class heads), licence, attribution and whether weights trained on them
+may ship. The rest of the config is a normal training config (model, train, augment, scale). The bundle records
+the scale mode, so inference sizes frames the same way, and every set's licence and attribution."""
+
+EPILOG = """\
+examples:
+  # the starter, on every set the config lists (Bio-Net included: for experiments, not for shipping)
+  python -m trainer train-starter --config trainer/configs/starter.yaml --data-root ../shared/data --out runs/starter
+  # weights that may ship: only sets with ship: true (their licences go into the bundle's provenance)
+  python -m trainer train-starter --data-root ../shared/data --out runs/starter-ship --ship --max-minutes 240
+  # leave-one-set-out benchmark: train on everything but BCCD, then evaluate on BCCD's test split
+  python -m trainer train-starter --data-root ../shared/data --out runs/loso-bccd --leave-out bccd
+  # check the config and the data, print the plan, train nothing
+  python -m trainer train-starter --data-root ../shared/data --out runs/starter --dry-run
+
+An interrupted run continues with --resume (same --out). Exit codes: 0 done, 2 bad config or data, 130
+interrupted."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``python -m trainer train-starter`` options."""
+    p.add_argument("--config", type=Path, default=None,
+                   help="multi-set YAML config (default: the packaged trainer/configs/starter.yaml)")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="folder the sets' relative paths start from (e.g. ../shared/data)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run directory: synthetic slides, checkpoints, losses.csv, loss curve and bundle/")
+    p.add_argument("--ship", action="store_true",
+                   help="train only on sets marked ship: true (licences that allow shipping the weights)")
+    p.add_argument("--leave-out", action="append", default=[], metavar="SET",
+                   help="leave this set out (repeatable), e.g. for a leave-one-set-out benchmark")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (a bundle is written)")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="check the config and every set, print the plan, stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("trainer").joinpath("configs/starter.yaml")))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train the starter (errors propagate to the CLI, which words them)."""
+    from trainer.multiset import build_training_data, load_multiset_config, select_sets
+    from trainer.train_segmenter import train_segmenter
+
+    config_path = args.config or default_config_path()
+    cfg = load_multiset_config(config_path)
+    if args.epochs:
+        cfg.train.train.epochs = args.epochs
+    if args.max_minutes:
+        cfg.train.train.max_minutes = args.max_minutes
+    if args.device:
+        cfg.train.train.device = args.device
+    sets = select_sets(cfg, ship=args.ship, leave_out=args.leave_out)
+    out = Path(args.out)
+    if (out / CHECKPOINT).exists() and not args.resume and not args.dry_run:
+        raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or use a new --out")
+    if args.dry_run:
+        for s in sets:
+            log.info("plan: %s weight %.2f, %s, licence %r, ship %s", s.where(), s.weight,
+                     "outlines" if s.masks else "boxes only", s.licence, s.ship)
+        log.info("plan: scale %s, %d epochs, batch %d, %s", cfg.train.scale.to_dict(), cfg.train.train.epochs,
+                 cfg.train.train.batch_size,
+                 f"limit {cfg.train.train.max_minutes} min" if cfg.train.train.max_minutes else "no time limit")
+        real = [s for s in sets if s.kind != "synthetic"]
+        if real:  # load and check the real sets (reads only; synthetic slides are not drawn)
+            build_training_data(cfg, real, args.data_root, out)
+        print("dry run: config and data are fine; nothing trained")
+        return 0
+    data, provenance = build_training_data(cfg, sets, args.data_root, out)
+    provenance["ship_build"] = bool(args.ship)
+    provenance["left_out"] = list(args.leave_out)
+    bundle = train_segmenter(cfg.train, data, out, resume=args.resume, provenance=provenance,
+                             progress=not args.no_progress and sys.stderr.isatty())
+    print(f"model bundle: {bundle}")
+    return 0
