@@ -290,3 +290,30 @@ def test_constraints_pin_every_serving_dependency() -> None:
     function_yaml = (REPO / "function.yaml").read_text()
     assert f'torch=={pins["torch"]}' in function_yaml and f'torchvision=={pins["torchvision"]}' in function_yaml
     assert 'main.self_check()' in function_yaml and "constraints-serve.txt" in function_yaml
+
+
+def test_rbc_scale_mode_sizes_the_frame_from_its_red_cells(tmp_path: Path) -> None:
+    """A bundle trained with scale mode rbc: detect resizes each frame so red cells are rbc_px across, whatever
+    the frame's own magnification (here the same smear drawn at 1x and 2x gives the same input)."""
+    cfg, model = spread_untrained_segmenter(10)
+    scale = {"mode": "rbc", "rbc_px": 30.0, "min_side": 64, "max_side": 1600}
+    bundle = write_bundle(tmp_path / "rbc", model, RVPBS, cfg, 0.5, scale=scale)
+    assert load_bundle(bundle).scale == scale
+    predictor = Predictor(bundle, device="cpu")
+    rng = np.random.default_rng(0)
+    smear = np.full((480, 640, 3), (236, 226, 214), np.uint8)
+    for _ in range(60):  # red cells, ~40 px across, pale centre
+        c = (int(rng.integers(25, 615)), int(rng.integers(25, 455)))
+        cv2.circle(smear, c, 20, (205, 120, 125), -1)
+        cv2.circle(smear, c, 7, (220, 160, 160), -1)
+    one = predictor.detect(smear, 0.5)
+    two = predictor.detect(cv2.resize(smear, (1280, 960), interpolation=cv2.INTER_LINEAR), 0.5)
+    assert one.rbc_diameter_px is not None and two.rbc_diameter_px is not None
+    assert two.rbc_diameter_px / one.rbc_diameter_px == pytest.approx(2.0, rel=0.15)
+    assert one.input_scale * 640 == pytest.approx(two.input_scale * 1280, rel=0.15), "same input size"
+    assert one.rbc_diameter_px * one.input_scale == pytest.approx(30.0, rel=0.2)
+    blank = predictor.detect(np.full((480, 640, 3), 230, np.uint8), 0.5)
+    fixed = Predictor(bundles_fixed := write_bundle(tmp_path / "fixed", model, RVPBS, cfg, 0.5), device="cpu")
+    assert blank.rbc_diameter_px is None and blank.input_scale == pytest.approx(
+        fixed.detect(np.full((480, 640, 3), 230, np.uint8), 0.5).input_scale), "no red cells: the fixed resize"
+    assert load_bundle(bundles_fixed).scale is None
