@@ -186,7 +186,7 @@ def test_tiny_image_and_bad_input():
 
 def test_rgba_input_is_accepted():
     image = synthetic_smear(40)
-    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    rgba = np.concatenate([image, np.full((*image.shape[:2], 1), 255, np.uint8)], axis=2)
     assert estimate_rbc_diameter(rgba).diameter_px == pytest.approx(estimate_rbc_diameter(image).diameter_px)
 
 
@@ -227,7 +227,10 @@ def _real_frames() -> list[tuple[str, Path, Path]]:
     stems = (bccd / "ImageSets" / "Main" / "test.txt").read_text().split()
     frames += [(s, bccd / "JPEGImages" / f"{s}.jpg", bccd / "Annotations" / f"{s}.xml") for s in stems[:60:12]]
     images = json.loads((bionet / "annotations" / "instances_test.json").read_text())["images"]
-    names = [im["file_name"] for im in images][:160:32]
+    # frames 200-799 are left out: their RBC boxes are drawn ~15% inside the cells (and often shifted off
+    # them), see benchmarks/results/scale_estimation.json ("bionet_box_batches")
+    names = [im["file_name"] for im in images if not 200 <= int(Path(im["file_name"]).stem.split("(")[0]) < 800]
+    names = names[:100:20]
     frames += [(n, bionet / "images" / n, bionet / "voc" / f"{Path(n).stem}.xml") for n in names]
     return frames
 
