@@ -3,7 +3,6 @@ classify stage depends on the architecture (crop 64, width 32, 8-view TTA) and t
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from trainer.classifier.train import ClassifierConfig, TrainedClassifier, classifier_config, load_classifier_config
