@@ -64,9 +64,9 @@ def predict_proba(model: CellNet, x: torch.Tensor, tta: bool = True, batch: int 
     with torch.inference_mode():
         for i in range(0, len(x), batch):
             xb = standardise(to_unit(x[i:i + batch]).to(dev))
-            if tta:
-                views = [torch.rot90(v, k, dims=(2, 3)) for v in (xb, xb.flip(3)) for k in range(4)]
-                probs = torch.stack([F.softmax(model(v), dim=1) for v in views]).mean(0)
+            if tta:  # the 8 rotations/flips of every crop in one forward (crops are square)
+                views = torch.cat([torch.rot90(v, k, dims=(2, 3)) for v in (xb, xb.flip(3)) for k in range(4)])
+                probs = F.softmax(model(views), dim=1).view(8, len(xb), -1).mean(0)
             else:
                 probs = F.softmax(model(xb), dim=1)
             out.append(probs.cpu())
