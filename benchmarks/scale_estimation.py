@@ -34,7 +34,6 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trainer.train_segmenter import git_sha  # noqa: E402
 from wbc_core.data.images import read_rgb  # noqa: E402
 from wbc_core.scale import METHOD, estimate_rbc_diameter  # noqa: E402
 
@@ -298,14 +298,6 @@ def plot(path: Path, sets: dict[str, list[dict[str, Any]]], sweep_truth: dict[st
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
