@@ -1,5 +1,6 @@
 """Attach the default-architecture crop classifier (untrained weights) to the latency bundle: the latency of the
-classify stage depends on the architecture (crop 64, width 32, 8-view TTA) and the cell count, not the weights."""
+classify stage depends on the architecture (crop 64, width 32, the default TTA views) and the cell count, not the
+weights."""
 import sys
 from pathlib import Path
 

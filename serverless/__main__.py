@@ -12,7 +12,6 @@ import base64
 import datetime
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from wbc_core.overlay import draw_overlay, save_png
 
     if args.bundle is None:
-        raise SystemExit(f"no model bundle: pass --bundle DIR or set {function.BUNDLE_ENV}")
+        from wbc_core.bundle import default_bundle_dir
+
+        args.bundle = default_bundle_dir()
     context = make_context(logging.DEBUG if args.verbose else logging.INFO)
     try:
         model = function.init_model(context, args.bundle)
@@ -169,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                               description=__doc__, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     annotate.add_argument("images", nargs="+", type=Path, help="slide images (JPEG, PNG, BMP or TIFF)")
-    env_bundle = os.environ.get("WBC_BUNDLE_DIR") or None
-    annotate.add_argument("--bundle", type=Path, default=Path(env_bundle) if env_bundle else None,
+    annotate.add_argument("--bundle", type=Path, default=None,
                           help="model bundle folder (bundle.yaml + model.pt), e.g. runs/seg1/bundle from "
-                               "'python -m trainer train-segmenter' (default: $WBC_BUNDLE_DIR)")
+                               "'python -m trainer train-segmenter' (default: $WBC_BUNDLE_DIR, else the starter "
+                               "bundle shipped in models/starter)")
     annotate.add_argument("--out", type=Path, required=True, help="output folder (created)")
     annotate.add_argument("--threshold", type=_threshold, default=None,
                           help="score threshold in (0, 1], sent like CVAT's threshold (default: the bundle's)")

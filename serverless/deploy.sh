@@ -5,13 +5,14 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-Usage: ./serverless/deploy.sh [cpu|gpu] BUNDLE_DIR [--mount | --registry]
+Usage: ./serverless/deploy.sh [cpu|gpu] [BUNDLE_DIR] [--mount | --registry]
 
 Builds and deploys the Nuclio function "wbc-maskrcnn" (CVAT detector, project "cvat", platform local).
 
   cpu|gpu     which function file to deploy: function.yaml (default) or function-gpu.yaml
   BUNDLE_DIR  model bundle folder (bundle.yaml + model.pt), e.g. runs/seg1/bundle written by
-              'python -m trainer train-segmenter'
+              'python -m trainer train-segmenter'; default: models/starter, the starter bundle shipped
+              with the project (finds and outlines WBCs on day one; names them among 9 RV-PBS types)
   --mount     do not copy the bundle into the image: bind-mount BUNDLE_DIR (host path) at
               /models/current instead, so a new bundle is rolled out by replacing the folder's
               contents (or re-pointing a symlink) and restarting the container, without a rebuild
@@ -51,9 +52,12 @@ for arg in "$@"; do
            BUNDLE="$arg" ;;
     esac
 done
-[[ -n "$BUNDLE" ]] || { usage >&2; die "BUNDLE_DIR is required"; }
-
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+if [[ -z "$BUNDLE" ]]; then
+    [[ "$REGISTRY" == 0 ]] || die "--registry needs the registry folder as BUNDLE_DIR"
+    BUNDLE="$REPO/models/starter"
+    echo "no BUNDLE_DIR given: deploying the starter bundle $BUNDLE"
+fi
 NUCTL="${NUCTL:-nuctl}"
 PYTHON="${PYTHON:-python3}"
 NETWORK="${CVAT_NETWORK:-cvat_cvat}"

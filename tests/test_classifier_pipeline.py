@@ -18,7 +18,7 @@ from trainer.__main__ import main
 from trainer.classifier.train import ClassifierConfig, TrainedClassifier, cell_classifier, classifier_config
 from wbc_core.bundle import CLASSIFIER_FILE, BundleError, attach_classifier, load_bundle, write_bundle
 from wbc_core.classifier.crops import CropConfig
-from wbc_core.classifier.infer import ATTRIBUTES, merge_opinions
+from wbc_core.classifier.infer import ATTRIBUTES, merge_opinions, predict_proba, tta_views
 from wbc_core.classifier.model import CellNet, NetConfig
 from wbc_core.classifier.stain import StainNormalizer, frame_stats, stack_stats
 from wbc_core.data.cvat_xml import write_cvat_xml
@@ -79,6 +79,30 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Train
     trained = TrainedClassifier(model=net, classes=RVPBS, normalizer=normalizer, config=ccfg, method="finetune")
     attach_classifier(with_cls, net.state_dict(), classifier_config(trained, metrics={"macro_f1": 0.5}))
     return plain, with_cls, trained, prediction
+
+
+def test_tta_views_average_a_symmetry_group() -> None:
+    torch.manual_seed(0)
+    net = CellNet(3, NetConfig(width=4)).eval()
+    crops = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    rot = torch.rot90(crops, 1, dims=(1, 2)).contiguous()
+    hflip = crops.flip(2).contiguous()
+    by_views = {n: predict_proba(net, crops, tta=n) for n in (1, 2, 4, 8)}
+    for probs in by_views.values():
+        assert probs.shape == (5, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    # each view set is a group, so its average is invariant under that group's transforms
+    assert np.allclose(predict_proba(net, hflip, tta=2), by_views[2], atol=1e-5)
+    assert np.allclose(predict_proba(net, rot, tta=4), by_views[4], atol=1e-5)
+    assert np.allclose(predict_proba(net, rot, tta=8), by_views[8], atol=1e-5)
+    assert np.allclose(predict_proba(net, hflip, tta=8), by_views[8], atol=1e-5)
+    assert not np.allclose(predict_proba(net, rot, tta=1), by_views[1], atol=1e-5)  # no TTA: not invariant
+    # bundles written before the count existed said true/false
+    assert tta_views(True) == 8 and tta_views(False) == 1 and tta_views(None) == 8
+    for bad in (3, 0, 16, "8"):
+        with pytest.raises(ValueError, match="tta"):
+            tta_views(bad)
+    with pytest.raises(ValueError, match="tta"):
+        ClassifierConfig.from_dict({"train": {"tta": 5}})
 
 
 def test_bundle_without_classifier_says_the_segmenter_decided(bundles) -> None:

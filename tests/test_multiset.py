@@ -349,3 +349,32 @@ def test_generate_task_is_reused(tmp_path: Path) -> None:
     assert len(data) == 4
     assert data.meta["frame_rbc_px"][0] == pytest.approx(0.095 * 128)
 
+
+
+CLS = {"source": "pbc-sample", "target": "bccd-wbc", "method": "source-only", "stain_norm": "reinhard",
+       "licence": "CC BY 4.0", "attribution": "Acevedo et al. 2020", "ship": True}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"colour": 1}, r"classifier: unknown keys \['colour'\]"),
+    ({"source": None}, r"classifier: source must name a folder"),
+    ({"method": "magic"}, r"classifier: method must be one of"),
+    ({"stain_norm": "vahadane"}, r"classifier: stain_norm must be one of"),
+    ({"licence": "none stated"}, r"classifier: ship: true needs a licence"),
+    ({"ship": "yes"}, r"classifier: ship must be true or false"),
+])
+def test_bad_classifier_section_is_refused(change: dict, message: str) -> None:
+    with pytest.raises(MultiSetError, match=message):
+        parse_multiset(config(SYN, classifier={**CLS, **change}), source="cfg.yaml")
+
+
+def test_classifier_section_and_the_packaged_starter_config() -> None:
+    cfg = parse_multiset(config(SYN, classifier=CLS), source="cfg.yaml")
+    assert cfg.classifier is not None and cfg.classifier.source == "pbc-sample" and cfg.classifier.ship
+    assert parse_multiset(config(SYN), source="cfg.yaml").classifier is None
+    from trainer.multiset import load_multiset_config
+    from trainer.starter import default_config_path
+
+    starter = load_multiset_config(default_config_path())
+    assert starter.classifier is not None and starter.classifier.licence == "CC BY 4.0"
+    assert [s.name for s in select_sets(starter, ship=True)] == ["bccd", "synthetic"]

@@ -517,8 +517,8 @@ def test_deploy_sh_usage_and_checks(bundle: Path, tmp_path: Path) -> None:
     assert "set -euo pipefail" in script.read_text()
     helped = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert helped.returncode == 0 and "BUNDLE_DIR" in helped.stdout
-    proc, _ = _deploy(tmp_path, "cpu")
-    assert proc.returncode != 0 and "BUNDLE_DIR is required" in proc.stderr
+    proc, _ = _deploy(tmp_path, "cpu", "--registry")
+    assert proc.returncode != 0 and "--registry needs the registry folder" in proc.stderr
     (tmp_path / "empty").mkdir()
     proc, _ = _deploy(tmp_path / "empty", "cpu", str(tmp_path / "empty"))
     assert proc.returncode != 0 and "bundle.yaml is missing" in proc.stderr
@@ -529,6 +529,18 @@ def test_deploy_sh_usage_and_checks(bundle: Path, tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(script), "tpu", str(bundle)], env=env, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode != 0 and "more than one BUNDLE_DIR" in proc.stderr
+
+
+def test_deploy_sh_without_a_bundle_deploys_the_shipped_starter(tmp_path: Path) -> None:
+    from wbc_core.bundle import STARTER_DIR
+
+    proc, out = _deploy(tmp_path, "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert f"deploying the starter bundle {STARTER_DIR}" in proc.stdout
+    stage = out / "stage"
+    assert (stage / "bundle" / "bundle.yaml").read_bytes() == (STARTER_DIR / "bundle.yaml").read_bytes()
+    staged_spec = json.loads(yaml.safe_load((stage / "function.yaml").read_text())["metadata"]["annotations"]["spec"])
+    assert staged_spec == load_bundle(STARTER_DIR).contract.spec()
 
 
 def test_deploy_sh_stages_the_nuclio_layout_that_serves(bundle: Path, jpeg: bytes, tmp_path: Path) -> None:
@@ -647,16 +659,18 @@ def test_cli_reports_bad_slides_and_keeps_going(bundle: Path, jpeg: bytes, tmp_p
     assert [r.name for r in read_cvat_xml(out / "annotations.xml").images] == ["good.jpg"]
 
 
-def test_cli_help_explains_and_bundle_defaults_to_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_help_explains_and_bundle_defaults_to_the_env_then_the_starter(monkeypatch: pytest.MonkeyPatch) -> None:
     proc = subprocess.run([sys.executable, "-m", "serverless", "annotate", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0
     for word in ("--bundle", "--out", "--threshold", "annotations.xml", "_overlay.png", "WBC_BUNDLE_DIR"):
         assert word in proc.stdout
     from serverless.__main__ import build_parser
+    from wbc_core.bundle import default_bundle_dir
 
     monkeypatch.setenv("WBC_BUNDLE_DIR", "/models/current")
     args = build_parser().parse_args(["annotate", "x.jpg", "--out", "o"])
-    assert args.bundle == Path("/models/current") and args.threshold is None
+    assert args.bundle is None and args.threshold is None  # resolved when it runs: the env, else the starter
+    assert default_bundle_dir() == Path("/models/current")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["annotate", "x.jpg", "--out", "o", "--threshold", "2"])

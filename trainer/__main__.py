@@ -116,6 +116,12 @@ def cmd_train_starter(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_package_bundle(args: argparse.Namespace) -> int:
+    from trainer.package import run
+
+    return run(args)
+
+
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from trainer.classifier.cli import run
 
@@ -209,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=STARTER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_starter_arguments(st)
     st.set_defaults(func=cmd_train_starter)
+
+    from trainer.package import DESCRIPTION as PACKAGE_DESCRIPTION
+    from trainer.package import add_arguments as add_package_arguments
+
+    pk = sub.add_parser("package-bundle", help="copy a bundle for shipping: fp16 segmenter weights, size check, "
+                        "all or nothing", description=PACKAGE_DESCRIPTION,
+                        epilog="example:\n  python -m trainer package-bundle runs/starter/bundle models/starter "
+                        "--max-mb 25", formatter_class=raw)
+    add_package_arguments(pk)
+    pk.set_defaults(func=cmd_package_bundle)
 
     c = sub.add_parser(
         "train-classifier", help="train the WBC-type crop classifier (source-only, target-only, "

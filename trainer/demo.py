@@ -1,5 +1,8 @@
-"""The embedded-default main job: the whole loop on synthetic slides, no CVAT and no outside data.
+"""The embedded-default main job: the shipped starter on real smears, then the whole loop on synthetic slides,
+no CVAT and no outside data.
 
+0. run the starter bundle shipped in ``models/starter`` on the real BCCD smear fields in
+   ``models/starter-examples`` (never trained on) and draw what it finds: what a lab gets on day one;
 1. write a synthetic training task and a held-out test task (CVAT for images 1.1 exports);
 2. train the segmenter for a fixed number of optimisation steps (the packaged demo config);
 3. evaluate it on the test task (COCO AP, overlays);
@@ -27,7 +30,7 @@ from trainer.config import TrainConfig
 from trainer.evaluate import evaluate_bundle, summary_line
 from trainer.synthetic import generate_slide_jpeg, generate_task
 from trainer.train_segmenter import train_segmenter
-from wbc_core.bundle import BUNDLE_FILE
+from wbc_core.bundle import BUNDLE_FILE, STARTER_DIR
 from wbc_core.data.loader import load_dataset
 from wbc_core.detect import Predictor
 from wbc_core.overlay import draw_overlay, save_png
@@ -41,6 +44,29 @@ log = logging.getLogger(__name__)
 DEFAULT_STEPS = 200
 DEFAULT_TRAIN_IMAGES = 40
 DEFAULT_TEST_IMAGES = 8
+EXAMPLES_DIR = STARTER_DIR.parent / "starter-examples"
+
+
+def starter_on_examples(out: Path, bundle: Path = STARTER_DIR, examples: Path = EXAMPLES_DIR) -> dict[str, Any]:
+    """Pre-annotate the real example smears with the shipped starter: overlays, cells JSON, and a plain word
+    when it is missing or finds nothing."""
+    images = sorted(p for p in Path(examples).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not (Path(bundle) / BUNDLE_FILE).is_file() or not images:
+        why = f"no starter bundle at {bundle}" if images else f"no example images in {examples}"
+        log.warning("starter step skipped: %s", why)
+        return {"skipped": why}
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(bundle)
+    frames = []
+    for path in images:
+        detection = predictor.detect(path)
+        overlay = out / f"{path.stem}_overlay.png"
+        save_png(draw_overlay(path, [], detection.cells, detection.width, detection.height), overlay)
+        frames.append({"image": str(path), "overlay": str(overlay), "empty_reason": detection.empty_reason,
+                       "cells": [{"label": c.label, "score": round(c.score, 3), "box": [round(v) for v in c.box]}
+                                 for c in detection.cells]})
+    (out / "cells.json").write_text(json.dumps(frames, indent=1))
+    return {"bundle": str(bundle), "frames": frames, "cells": sum(len(f["cells"]) for f in frames)}
 
 
 def demo_config(steps: int = DEFAULT_STEPS, train_images: int = DEFAULT_TRAIN_IMAGES,
@@ -86,6 +112,8 @@ def run_demo(out: Path, steps: int = DEFAULT_STEPS, train_images: int = DEFAULT_
             shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(steps, train_images, max_minutes)
+    log.info("0/4 the shipped starter on real smear fields (%s)", EXAMPLES_DIR)
+    starter = starter_on_examples(out / "starter")
     log.info("1/4 writing synthetic tasks under %s", out)
     generate_task(out / "train-task", n_images=train_images, seed=1)
     generate_task(out / "test-task", n_images=test_images, seed=2)
@@ -121,6 +149,9 @@ def run_demo(out: Path, steps: int = DEFAULT_STEPS, train_images: int = DEFAULT_
         warnings.append(f"the model found no cells on the held-out slides (mask AP 0.000): {why}. "
                         f"Raise --steps (default {DEFAULT_STEPS})"
                         + (" or drop --minutes" if max_minutes else "") + " and run the demo again.")
+    for frame in starter.get("frames", []):
+        if not frame["cells"]:
+            warnings.append(f"the starter found no cell on {frame['image']}: {frame['empty_reason']}")
     if not cells:
         warnings.append(f"no cell found on the new slide: {pred.empty_reason}. Longer training (raise --steps) "
                         "gives the model confidence in its cells.")
@@ -128,6 +159,7 @@ def run_demo(out: Path, steps: int = DEFAULT_STEPS, train_images: int = DEFAULT_
         log.warning(warning)
 
     summary = {
+        "starter": starter,
         "evaluation": summary_line(metrics),
         "mask_ap_any_label": round(ap, 4),
         "steps": trained,
@@ -146,6 +178,14 @@ def run_demo(out: Path, steps: int = DEFAULT_STEPS, train_images: int = DEFAULT_
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nDemo finished in {summary['minutes_total']} min ({trained} training steps, "
           f"{summary['train_minutes']} min of training)")
+    if starter.get("frames"):
+        print(f"  starter model on real smears ({starter['bundle']}):")
+        for frame in starter["frames"]:
+            found = ", ".join(f"{c['label']} {c['score']:.2f}" for c in frame["cells"]) or \
+                f"NO CELLS FOUND ({frame['empty_reason']})"
+            print(f"    {Path(frame['image']).name}: {found} -> {frame['overlay']}")
+    else:
+        print(f"  starter model on real smears: skipped ({starter.get('skipped')})")
     print(f"  held-out synthetic slides: {summary['evaluation']}")
     print("    ('any label' scores finding and outlining cells; after a short demo run the 10-class labels are\n"
           "     still rough: longer training and the crop classifier refine them)")

@@ -103,12 +103,59 @@ class SetSpec:
 
 
 @dataclass
+class ClassifierSpec:
+    """The optional ``classifier:`` section: the crop classifier trained with the segmenter and attached to its
+    bundle (``python -m trainer train-classifier`` with these arguments)."""
+
+    source: str                  # class folders (PBC), relative to --data-root or absolute
+    target: str                  # stain reference frames and evaluation crops (e.g. bccd-wbc)
+    method: str = "source-only"
+    stain_norm: str = "reinhard"
+    config: str | None = None    # classifier YAML (relative to this config's folder); None: the packaged default
+    licence: str = ""
+    attribution: str = ""
+    ship: bool = False
+
+
+CLASSIFIER_KEYS = tuple(ClassifierSpec.__dataclass_fields__)
+
+
+@dataclass
 class MultiSetConfig:
     """The sets and the training config (``labels`` forced to the single class ``wbc``)."""
 
     sets: list[SetSpec]
     train: TrainConfig
     source: str = "multi-set config"
+    classifier: ClassifierSpec | None = None
+    base_dir: Path | None = None
+
+
+def parse_classifier(item: Any, source: str) -> ClassifierSpec | None:
+    """The ``classifier:`` section (None when absent)."""
+    if item is None:
+        return None
+    where = f"{source}: classifier"
+    if not isinstance(item, dict):
+        raise MultiSetError(f"{where} must be a mapping with source, target, method, stain_norm, licence, ...")
+    unknown = sorted(set(item) - set(CLASSIFIER_KEYS))
+    if unknown:
+        raise MultiSetError(f"{where}: unknown keys {unknown}; known: {list(CLASSIFIER_KEYS)}")
+    for key in ("source", "target"):
+        if not isinstance(item.get(key), str) or not item[key]:
+            raise MultiSetError(f"{where}: {key} must name a folder (relative to --data-root), got {item.get(key)!r}")
+    from trainer.classifier import METHODS, STAIN_METHODS
+
+    spec = ClassifierSpec(**item)
+    if spec.method not in METHODS:
+        raise MultiSetError(f"{where}: method must be one of {METHODS}, not {spec.method!r}")
+    if spec.stain_norm not in STAIN_METHODS:
+        raise MultiSetError(f"{where}: stain_norm must be one of {STAIN_METHODS}, not {spec.stain_norm!r}")
+    spec.ship = _bool(spec.ship, "ship", where)
+    if spec.ship and NOT_SHIPPABLE.match(str(spec.licence)):
+        raise MultiSetError(f"{where}: ship: true needs a licence that allows shipping weights (e.g. CC BY 4.0), "
+                            f"got {spec.licence!r}")
+    return spec
 
 
 def _bool(value: Any, key: str, where: str) -> bool:
@@ -195,6 +242,7 @@ def parse_multiset(data: dict[str, Any], source: str = "multi-set config", base_
     """A multi-set config from its YAML mapping: ``sets`` plus the sections of :class:`TrainConfig`."""
     data = dict(data or {})
     sets = data.pop("sets", None)
+    classifier = parse_classifier(data.pop("classifier", None), source)
     if not isinstance(sets, list) or not sets:
         raise MultiSetError(f"{source}: needs a non-empty 'sets:' list (see trainer/configs/starter.yaml)")
     labels = data.pop("labels", None)
@@ -211,7 +259,7 @@ def parse_multiset(data: dict[str, Any], source: str = "multi-set config", base_
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise MultiSetError(f"{source}: set names must be unique; repeated: {dupes}")
-    return MultiSetConfig(sets=specs, train=train, source=source)
+    return MultiSetConfig(sets=specs, train=train, source=source, classifier=classifier, base_dir=base_dir)
 
 
 def load_multiset_config(path: str | Path) -> MultiSetConfig:

@@ -7,8 +7,9 @@
 2. **split** every frame into train or validation by a hash of its *content* (sha256 of the image file)
    and a salt, so a frame keeps its side across cycles, tasks and renames, and validation frames never
    leak into training; frames of the optional ``frozen_test`` datasets are never trained on;
-3. **fine-tune** the segmenter from the current bundle (from scratch when there is none), and carry the
-   current bundle's crop classifier over, fine-tuned on the new labelled crops when ``classifier.steps`` > 0;
+3. **fine-tune** the segmenter from the current bundle (when the registry is empty: from the shipped starter
+   bundle ``models/starter``, or as ``segmenter.first`` says), keeping that bundle's architecture and input
+   scale, and carry its crop classifier over, fine-tuned on the new labelled crops when ``classifier.steps`` > 0;
 4. **evaluate** the candidate and the current bundle on the same validation (and frozen test) frames;
 5. **gate**: promote only when no gated metric drops by more than its allowance (and, for the first
    version, clears ``gate.min``); the registry's ``current`` pointer is switched atomically;
@@ -33,6 +34,11 @@ from typing import Any
 
 from wbc_core.config_io import check_known, dataclass_from_dict, read_yaml_mapping
 from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord
+
+#: Model config keys that only shape training: a fine-tuning run keeps the retrain config's values for these and
+#: takes every other (architecture, input size) from the bundle it starts from.
+TRAINING_ONLY_MODEL_KEYS = ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "box_batch_size_per_image",
+                            "trainable_backbone_layers")
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,9 @@ class SegmenterStep:
     max_minutes: float | None = 10.0
     epochs: int | None = None
     from_current: bool = True               # fine-tune from the current bundle (False: from config weights)
+    # what the first version (empty registry) fine-tunes from: "starter" (the shipped models/starter), "scratch"
+    # (the config's weights), or a bundle folder
+    first: str = "starter"
     finetune_lr_scale: float = 0.3          # fine-tuning uses the config's lr times this (and a short warm-up)
 
 
@@ -129,6 +138,10 @@ def load_retrain_config(path: str | Path) -> RetrainConfig:
         if key == "cvat" and data.get("cvat") is None:
             continue
         setattr(cfg, key, dataclass_from_dict(cls, data.get(key), f"keys in retrain config section '{key}'"))
+    first = cfg.segmenter.first
+    if first not in ("starter", "scratch") and not (cfg.path(first) / "bundle.yaml").is_file():
+        raise ValueError(f"retrain config {path}: segmenter.first must be 'starter', 'scratch' or a bundle folder; "
+                         f"{cfg.path(first)} has no bundle.yaml")
     if cfg.cvat is None and not cfg.data:
         raise ValueError(f"retrain config {path}: nothing to train on; give 'cvat' (tasks/projects) and/or 'data'")
     if not 0 < cfg.split.val_fraction < 1:
@@ -288,27 +301,56 @@ class Cycle:
             tcfg.train.max_minutes = seg.max_minutes
         if seg.epochs:
             tcfg.train.epochs = seg.epochs
-        if current is not None and seg.from_current:
+        base = self.base_bundle(current)
+        if base is not None:
+            from trainer.data.segmentation_dataset import ScaleConfig
             from wbc_core.bundle import load_bundle
+            from wbc_core.model import SegmenterConfig
 
-            bundle = load_bundle(current)
+            bundle = load_bundle(base)
             if bundle.model_config.backbone != tcfg.model.backbone:
-                raise ValueError(f"the current bundle is a {bundle.model_config.backbone} model but the segmenter "
-                                 f"config asks for {tcfg.model.backbone}; set segmenter.from_current: false to "
-                                 "start over")
-            tcfg.model.weights = str(bundle.segmenter_path)
+                raise ValueError(f"the bundle {base} is a {bundle.model_config.backbone} model but the segmenter "
+                                 f"config asks for {tcfg.model.backbone}; set segmenter.from_current: false (or "
+                                 "segmenter.first: scratch) to start over")
+            # the architecture and the input scale the weights were trained at come with them
+            keep = {k: v for k, v in tcfg.model.to_dict().items() if k in TRAINING_ONLY_MODEL_KEYS}
+            tcfg.model = SegmenterConfig.from_dict({**bundle.model_config.to_dict(), **keep,
+                                                    "weights": str(bundle.segmenter_path), "backbone_weights": None})
+            if bundle.scale:
+                tcfg.scale = ScaleConfig.from_dict({k: v for k, v in bundle.scale.items()
+                                                    if k in ScaleConfig.__dataclass_fields__})
             # a trained model needs a gentler start than random weights, or the first steps undo it
             tcfg.train.lr *= seg.finetune_lr_scale
             tcfg.train.warmup_steps = min(tcfg.train.warmup_steps, 10)
+            log.info("segmenter: fine-tuning %s (%s)", base, "current version" if base == current else "starter")
         return train_segmenter(tcfg, pool.train, self.dir / "segmenter", progress=self.progress)
 
+    def base_bundle(self, current: Path | None) -> Path | None:
+        """The bundle this cycle fine-tunes: the current version, else (empty registry) ``segmenter.first``."""
+        seg = self.cfg.segmenter
+        if current is not None:
+            return current if seg.from_current else None
+        if seg.first == "scratch":
+            return None
+        if seg.first == "starter":
+            from wbc_core.bundle import BUNDLE_FILE, STARTER_DIR
+
+            if not (STARTER_DIR / BUNDLE_FILE).is_file():
+                log.warning("no starter bundle at %s: the first version trains from the config's weights",
+                            STARTER_DIR)
+                return None
+            return STARTER_DIR
+        return self.cfg.path(seg.first)
+
     def carry_classifier(self, pool: Pool, current: Path | None, candidate: Path) -> dict[str, Any] | None:
-        """Copy the current bundle's crop classifier into the candidate, fine-tuned on the new crops."""
-        if current is None:
+        """Copy the base bundle's crop classifier (current version, else the starter) into the candidate,
+        fine-tuned on the new crops."""
+        base = self.base_bundle(current) if current is None else current
+        if base is None:
             return None
         from wbc_core.bundle import load_bundle
 
-        bundle = load_bundle(current)
+        bundle = load_bundle(base)
         if bundle.classifier is None:
             return None
         from trainer.classifier.retrain import finetune_bundle_classifier

@@ -14,6 +14,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from trainer.multiset import ClassifierSpec
 from trainer.train_segmenter import CHECKPOINT
 
 log = logging.getLogger("trainer.starter")
@@ -60,6 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--dry-run", action="store_true", help="check the config and every set, print the plan, stop")
+    p.add_argument("--no-classifier", action="store_true",
+                   help="skip the crop classifier of the config's classifier: section (segmenter only)")
+    p.add_argument("--classifier-run", type=Path, metavar="DIR",
+                   help="attach the classifier already trained in DIR (python -m trainer train-classifier ... --out "
+                        "DIR) instead of training the config's")
+    p.add_argument("--package", type=Path, metavar="DIR",
+                   help="also write the bundle for shipping to DIR (e.g. models/starter): fp16 segmenter, "
+                        "licences in the provenance, at most --max-mb; needs --ship")
+    p.add_argument("--max-mb", type=float, default=25.0, help="size limit of the packaged weights (default 25)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -81,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
     if args.device:
         cfg.train.train.device = args.device
     sets = select_sets(cfg, ship=args.ship, leave_out=args.leave_out)
+    if args.package and not args.ship:
+        raise ValueError("--package writes weights for shipping: add --ship (only sets whose licence allows it)")
+    classifier = None if args.no_classifier else cfg.classifier
+    if classifier is not None and args.ship and not classifier.ship:
+        raise ValueError(f"{cfg.source}: the classifier's source ({classifier.licence!r}) may not ship; pass "
+                         "--no-classifier or give a source whose licence allows shipping")
     out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume and not args.dry_run:
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or use a new --out")
@@ -102,4 +118,57 @@ def run(args: argparse.Namespace) -> int:
     bundle = train_segmenter(cfg.train, data, out, resume=args.resume, provenance=provenance,
                              progress=not args.no_progress and sys.stderr.isatty())
     print(f"model bundle: {bundle}")
+    if classifier is not None:
+        attach_starter_classifier(classifier, cfg.base_dir, args.data_root, out, bundle, args.classifier_run)
+    if args.package:
+        from trainer.package import package_bundle
+
+        licences = [{"set": s.name, "licence": s.licence, "attribution": s.attribution} for s in sets]
+        if classifier is not None:
+            licences.append({"set": f"classifier source {classifier.source}", "licence": classifier.licence,
+                             "attribution": classifier.attribution})
+        command = ("python -m trainer train-starter --data-root DATA --out OUT --ship --package "
+                   f"{args.package}" + (f" --max-minutes {args.max_minutes:g}" if args.max_minutes else ""))
+        package_bundle(bundle, args.package, half=True, max_mb=args.max_mb,
+                       provenance={"licences": licences, "reproduce": command, "packaged_from": str(bundle)})
+        print(f"packaged for shipping: {args.package}")
     return 0
+
+
+def attach_starter_classifier(spec: ClassifierSpec, base_dir: Path | None, data_root: Path | None, out: Path,
+                              bundle: Path, trained_in: Path | None = None) -> Path:
+    """Train the config's crop classifier into ``out/classifier`` (or take the one in ``trained_in``) and attach
+    it to ``bundle``, with its licence and attribution in its provenance."""
+    import torch
+    import yaml
+
+    from trainer.classifier.cli import run as train_classifier
+    from wbc_core.bundle import CLASSIFIER_FILE, attach_classifier
+
+    def resolve(value: str, root: Path | None, what: str) -> Path:
+        path = Path(value)
+        if path.is_absolute():
+            return path
+        if root is None:
+            raise ValueError(f"the classifier's {what} {value!r} is relative: pass --data-root")
+        return root / path
+
+    folder = trained_in
+    if folder is None:
+        folder = out / "classifier"
+        config = resolve(spec.config, base_dir, "config") if spec.config else None
+        args = argparse.Namespace(source=resolve(spec.source, data_root, "source"),
+                                  target=resolve(spec.target, data_root, "target"), method=spec.method,
+                                  stain_norm=spec.stain_norm, few_shot=None, config=config, source_map=None,
+                                  out=folder, bundle=None, threads=None)
+        train_classifier(args)
+    weights, meta = folder / CLASSIFIER_FILE, folder / "classifier.yaml"
+    for path in (weights, meta):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: train the classifier with 'python -m trainer "
+                                    f"train-classifier ... --out {folder}' first")
+    config = yaml.safe_load(meta.read_text())
+    config.setdefault("provenance", {}).update({"licence": spec.licence, "attribution": spec.attribution})
+    attach_classifier(bundle, torch.load(weights, map_location="cpu", weights_only=True), config)
+    log.info("crop classifier from %s attached to %s (%d classes)", folder, bundle, len(config.get("classes") or []))
+    return bundle

@@ -35,6 +35,19 @@ SEGMENTER_FILE = "model.pt"
 CLASSIFIER_FILE = "classifier.pt"
 
 
+#: The starter bundle shipped with the project (issue 12): a class-agnostic WBC segmenter trained on every
+#: public set whose licence allows shipping, with a PBC crop classifier; used when no bundle is given.
+STARTER_DIR = Path(__file__).resolve().parents[1] / "models" / "starter"
+
+
+def default_bundle_dir() -> Path:
+    """The bundle a command uses when none is given: ``$WBC_BUNDLE_DIR``, else the shipped starter."""
+    import os
+
+    value = os.environ.get("WBC_BUNDLE_DIR", "").strip()
+    return Path(value) if value else STARTER_DIR
+
+
 class BundleError(RuntimeError):
     """A bundle is missing, incomplete or corrupt; the message names the file."""
 

@@ -63,6 +63,7 @@ class SegmenterConfig:
     rpn_pre_nms_top_n_test: int = 500
     rpn_post_nms_top_n_test: int = 100
     box_batch_size_per_image: int = 32    # RoIs per image for the box/mask heads (torchvision: 512)
+    box_representation_size: int = 1024   # width of the box head's two FC layers (its first holds most weights)
     box_detections_per_img: int = 50
     box_score_thresh: float = 0.05
 
@@ -145,8 +146,8 @@ def build_model(cfg: SegmenterConfig, num_classes: int) -> MaskRCNN:
     out_ch = backbone.out_channels
     mask_head = MaskRCNNHeads(out_ch, (out_ch,) * 4, 1)
     mask_predictor = MaskRCNNPredictor(out_ch, out_ch, num_classes + 1)
-    box_head = TwoMLPHead(out_ch * 7 * 7, 1024)
-    box_predictor = FastRCNNPredictor(1024, num_classes + 1)
+    box_head = TwoMLPHead(out_ch * 7 * 7, cfg.box_representation_size)
+    box_predictor = FastRCNNPredictor(cfg.box_representation_size, num_classes + 1)
     model = MaskRCNN(
         backbone,
         num_classes=None,

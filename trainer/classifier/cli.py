@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.classifier.train import Experiment, classifier_config, load_classifier_config, summarise_row
     from wbc_core.atomic import atomic_torch_save
     from wbc_core.bundle import CLASSIFIER_FILE
+    from wbc_core.classifier.infer import TTA_VIEWS
 
     cfg = load_classifier_config(args.config)
     if args.stain_norm:
@@ -123,6 +124,16 @@ def run(args: argparse.Namespace) -> int:
               "evaluation_crops": len(exp.eval), "labelled_pool": len(exp.pool),
               "runs": [{k2: v for k2, v in r.items()} for r in row["runs"]], "provenance": provenance,
               "config": cfg.to_dict()}
+    # what test-time augmentation buys on these crops (the first model), to choose train.tta from data: each
+    # view costs one more forward per cell at inference
+    result["tta_views"] = {}
+    for views in TTA_VIEWS:
+        m = exp.evaluate(row["models"][0], cfg.stain_norm, tta=views)
+        result["tta_views"][str(views)] = {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
+                                           **({"macro_f1_headline": m["macro_f1_headline"]}
+                                              if "macro_f1_headline" in m else {})}
+    log.info("macro-F1 by TTA views (first model): %s",
+             ", ".join(f"{v}: {r['macro_f1']:.3f}" for v, r in result["tta_views"].items()))
     (args.out / "metrics.json").write_text(json.dumps(result, indent=1))
     trained = row["models"][0]
     config = classifier_config(trained, metrics={"accuracy": first["metrics"]["accuracy"],

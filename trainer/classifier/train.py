@@ -52,7 +52,7 @@ from trainer.classifier.augment import AugmentConfig, augment_batch
 from trainer.classifier.evaluate import classification_metrics, summarise_draws
 from trainer.classifier.sources import CropSet
 from wbc_core.classifier.crops import CropConfig, apply_mask
-from wbc_core.classifier.infer import CLASSIFIER_CONFIG_VERSION, CellClassifier, MergeConfig, predict_proba
+from wbc_core.classifier.infer import CLASSIFIER_CONFIG_VERSION, CellClassifier, MergeConfig, predict_proba, tta_views
 from wbc_core.classifier.model import CellNet, NetConfig, grad_reverse, standardise, to_unit
 from wbc_core.classifier.stain import METHODS as STAIN_METHODS
 from wbc_core.classifier.stain import StainNormalizer
@@ -79,9 +79,12 @@ class OptimConfig:
     label_smoothing: float = 0.1
     epoch_steps: int = 50          # steps per logged "epoch"
     threads: int = 0               # torch intra-op threads; 0 = all cores
-    tta: bool = True               # average the 8 rotations/flips at prediction time
+    tta: bool | int = 1            # views averaged at prediction time: 1, 2 (+ h-flip), 4 (rotations), 8 (all)
     seed: int = 0
     device: str = "cpu"            # cpu | cuda | auto (crops stay in host memory; batches go to the device)
+
+    def __post_init__(self) -> None:
+        self.tta = tta_views(self.tta)  # refuses anything but 1, 2, 4, 8 (or true/false) early, naming the key
 
 
 @dataclass
@@ -451,7 +454,7 @@ def classifier_config(trained: TrainedClassifier, metrics: dict[str, Any] | None
     cfg = trained.config
     return {"version": CLASSIFIER_CONFIG_VERSION, "classes": list(trained.classes), "method": trained.method,
             "crop": cfg.crop.to_dict(), "net": cfg.net.to_dict(), "stain": trained.normalizer.to_dict(),
-            "merge": {"classifier_weight": cfg.merge.classifier_weight}, "tta": cfg.train.tta,
+            "merge": {"classifier_weight": cfg.merge.classifier_weight}, "tta": tta_views(cfg.train.tta),
             "metrics": metrics or {}, "provenance": provenance or {}}
 
 
@@ -614,9 +617,11 @@ class Experiment:
         return TrainedClassifier(model=model, classes=classes, normalizer=self.normalizer(stain), config=cfg,
                                  method=method, report=report)
 
-    def evaluate(self, trained: TrainedClassifier, stain: str) -> dict[str, Any]:
+    def evaluate(self, trained: TrainedClassifier, stain: str, tta: bool | int | None = None) -> dict[str, Any]:
+        """Metrics on the evaluation crops, averaging ``tta`` views (default: the config's)."""
         tgt = self.prepared("target", stain)
-        probs = predict_proba(trained.model, tgt.x[torch.from_numpy(self.eval)], tta=self.cfg.train.tta)
+        views = self.cfg.train.tta if tta is None else tta
+        probs = predict_proba(trained.model, tgt.x[torch.from_numpy(self.eval)], tta=views)
         pred = [trained.classes[i] for i in probs.argmax(1)]
         classes = order_classes(set(trained.classes) | set(self.eval_labels))
         headline = self.cfg.protocol.headline

@@ -56,19 +56,45 @@ class MergeConfig:
             raise ValueError(f"merge.classifier_weight must be in [0, 1], got {self.classifier_weight}")
 
 
-def predict_proba(model: CellNet, x: torch.Tensor, tta: bool = True, batch: int = 256) -> np.ndarray:
-    """Class probabilities (N, C) of uint8 crops (N, S, S, 3); ``tta`` averages the 8 rotations/flips."""
+#: Test-time augmentation: how many of a square crop's 8 rotations/flips are averaged, and which. Every
+#: subset is a group (identity; + horizontal flip; + the four rotations; all eight), so no view is favoured.
+TTA_VIEWS = (1, 2, 4, 8)
+
+
+def tta_views(value: bool | int | None) -> int:
+    """The number of TTA views a config asks for: an int in :data:`TTA_VIEWS`, ``true`` (all 8, what bundles
+    written before the count existed meant) or ``false`` (1: no TTA)."""
+    if value is None or value is True:
+        return 8
+    if value is False:
+        return 1
+    if isinstance(value, int) and value in TTA_VIEWS:
+        return int(value)
+    raise ValueError(f"classifier tta must be one of {TTA_VIEWS} views (or true/false), got {value!r}")
+
+
+def _views(xb: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 1:
+        return xb
+    if n == 2:
+        return torch.cat([xb, xb.flip(3)])
+    rotations = [torch.rot90(xb, k, dims=(2, 3)) for k in range(4)]
+    if n == 4:
+        return torch.cat(rotations)
+    return torch.cat(rotations + [torch.rot90(xb.flip(3), k, dims=(2, 3)) for k in range(4)])
+
+
+def predict_proba(model: CellNet, x: torch.Tensor, tta: bool | int = True, batch: int = 256) -> np.ndarray:
+    """Class probabilities (N, C) of uint8 crops (N, S, S, 3), averaged over ``tta`` views (see
+    :func:`tta_views`), all views of a batch in one forward."""
+    n = tta_views(tta)
     model.eval()
     out = []
     dev = next(model.parameters()).device
     with torch.inference_mode():
         for i in range(0, len(x), batch):
             xb = standardise(to_unit(x[i:i + batch]).to(dev))
-            if tta:  # the 8 rotations/flips of every crop in one forward (crops are square)
-                views = torch.cat([torch.rot90(v, k, dims=(2, 3)) for v in (xb, xb.flip(3)) for k in range(4)])
-                probs = F.softmax(model(views), dim=1).view(8, len(xb), -1).mean(0)
-            else:
-                probs = F.softmax(model(xb), dim=1)
+            probs = F.softmax(model(_views(xb, n)), dim=1).view(n, len(xb), -1).mean(0)
             out.append(probs.cpu())
     if not out:
         return np.zeros((0, model.head[1].out_features), np.float32)
@@ -107,9 +133,10 @@ class CellClassifier:
     """A trained crop classifier ready to classify a slide's detected cells."""
 
     def __init__(self, model: CellNet, classes: list[str], crop: CropConfig, normalizer: StainNormalizer,
-                 merge: MergeConfig, tta: bool = True) -> None:
+                 merge: MergeConfig, tta: bool | int = True) -> None:
         self.model = model.eval()
-        self.classes, self.crop, self.normalizer, self.merge, self.tta = classes, crop, normalizer, merge, tta
+        self.classes, self.crop, self.normalizer, self.merge = classes, crop, normalizer, merge
+        self.tta = tta_views(tta)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> CellClassifier:
@@ -121,7 +148,7 @@ class CellClassifier:
         return cls(model, classes, CropConfig.from_dict(config.get("crop")),
                    StainNormalizer.from_dict(config.get("stain")),
                    dataclass_from_dict(MergeConfig, config.get("merge"), "classifier merge keys"),
-                   tta=bool(config.get("tta", True)))
+                   tta=config.get("tta", True))
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> CellClassifier:
@@ -145,7 +172,7 @@ class CellClassifier:
             return np.zeros((0, len(self.classes)), np.float32)
         crops, masks, has_mask = crop_instances(image, items, self.crop, scale=scale)
         if self.normalizer.method != "none":
-            stats = frame_stats(image)
+            stats = frame_stats(image, self.normalizer.method)
             crops = self.normalizer(crops, {k: np.repeat(v[None], len(crops), axis=0) for k, v in stats.items()})
         if self.crop.masked:
             crops = apply_mask(crops, masks, has_mask, self.crop.mask_grow)

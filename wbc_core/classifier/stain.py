@@ -69,13 +69,19 @@ def _macenko_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return he.astype(np.float32), max_c.astype(np.float32), io.astype(np.float32)
 
 
-def frame_stats(image: np.ndarray) -> dict[str, np.ndarray]:
-    """Colour statistics of one RGB uint8 frame, for both methods (cheap: a <= 256 px copy is measured)."""
+def frame_stats(image: np.ndarray, method: str | None = None) -> dict[str, np.ndarray]:
+    """Colour statistics of one RGB uint8 frame (a <= 256 px copy is measured): for both methods (``method``
+    None: what fitting a reference needs), or only what ``method`` reads (the pipeline, once per slide: the
+    Macenko statistics cost several times the Reinhard ones)."""
     small = _small(image)
-    lab = _lab(small).reshape(-1, 3)
-    he, max_c, io = _macenko_stats(small)
-    return {"lab_mean": lab.mean(axis=0).astype(np.float32), "lab_std": lab.std(axis=0).clip(1e-3).astype(np.float32),
-            "he": he, "max_c": max_c, "io": io}
+    out: dict[str, np.ndarray] = {}
+    if method in (None, "reinhard"):
+        lab = _lab(small).reshape(-1, 3)
+        out["lab_mean"] = lab.mean(axis=0).astype(np.float32)
+        out["lab_std"] = lab.std(axis=0).clip(1e-3).astype(np.float32)
+    if method in (None, "macenko"):
+        out["he"], out["max_c"], out["io"] = _macenko_stats(small)
+    return out
 
 
 _STAT_SHAPES = {"lab_mean": (3,), "lab_std": (3,), "he": (3, 2), "max_c": (2,), "io": (3,)}
