@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             row = score_set(Predictor(path), data[name], threshold, desc=f"loso {name}")
         row["bundle"] = path
         prov = load_bundle(path).provenance
-        row["trained_on"] = [s.get("name") for s in prov.get("sets") or []] or prov.get("sets")
+        row["trained_on"] = [s.get("name") for s in prov.get("datasets") or []]
         result["loso"][name] = row
     result["classifier_stain_sweep"] = classifier_sweep(predictor, args.data_root, STAINS) \
         if "bccd" in data else None

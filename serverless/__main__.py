@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wbc_core.data.images import FORMATS_TEXT
+
 log = logging.getLogger("serverless")
 
 EPILOG = """\
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     annotate = sub.add_parser("annotate", help="pre-annotate slide images with the CVAT function, locally",
                               description=__doc__, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    annotate.add_argument("images", nargs="+", type=Path, help="slide images (JPEG, PNG, BMP or TIFF)")
+    annotate.add_argument("images", nargs="+", type=Path, help=f"slide images ({FORMATS_TEXT})")
     annotate.add_argument("--bundle", type=Path, default=None,
                           help="model bundle folder (bundle.yaml + model.pt), e.g. runs/seg1/bundle from "
                                "'python -m trainer train-segmenter' (default: $WBC_BUNDLE_DIR, else the starter "

@@ -45,7 +45,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from wbc_core.bundle import BUNDLE_FILE, CLASSIFIER_FILE, SEGMENTER_FILE, Bundle
 from wbc_core.contract import Contract, check_spec, spec_attribute_names
 from wbc_core.cvat_json import detection_to_cvat_json
-from wbc_core.data.images import ImageReadError, decode_rgb, pil_to_rgb8
+from wbc_core.data.images import (
+    ACCEPTED_FORMATS,
+    FORMATS_TEXT,
+    JPEG_FORMATS,
+    ImageReadError,
+    decode_rgb,
+    pil_to_rgb8,
+)
 from wbc_core.detect import Detection, Predictor
 
 log = logging.getLogger(__name__)
@@ -54,13 +61,10 @@ log = logging.getLogger(__name__)
 MIN_SIDE = 32
 #: Largest accepted image (declared width x height). RV-PBS photos are 12.2 MP.
 MAX_PIXELS = 120_000_000
-#: PIL format names accepted (MPO: iPhone/Android JPEGs with an embedded depth/preview image).
-JPEG_FORMATS = frozenset({"JPEG", "MPO"})
-LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "TIFF", "WEBP"})
 #: Seconds between two checks for a changed bundle (0: every request; negative: never).
 RELOAD_ENV = "WBC_RELOAD_SECONDS"
 DEFAULT_RELOAD_SECONDS = 5.0
-REQUEST_HELP = 'send JSON {"image": "<base64 of a JPEG/PNG/BMP/TIFF>", "threshold": 0.5}'
+REQUEST_HELP = f'send JSON {{"image": "<base64 of a {FORMATS_TEXT} image>", "threshold": 0.5}}'
 
 
 class BadRequest(ValueError):
@@ -121,6 +125,8 @@ def parse_request(body: dict | bytes | bytearray | str | None) -> tuple[bytes, f
             body = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadRequest(f"request body is not JSON ({exc}); {REQUEST_HELP}") from exc
+        except RecursionError as exc:  # e.g. [[[[...]]]] 100,000 deep: a bad request, not a server error
+            raise BadRequest(f"request body is JSON nested too deeply to parse; {REQUEST_HELP}") from exc
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}; {REQUEST_HELP}")
     if "image" not in body:
@@ -200,13 +206,13 @@ def probe_image(data: bytes) -> ImageInfo:
     except Image.DecompressionBombError as exc:
         raise BadRequest(f"image is too large (decompression bomb?): {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BadRequest(f"'image' is not a readable image ({len(data)} bytes; expected JPEG, PNG, BMP or "
-                         f"TIFF): {exc}") from exc
+        raise BadRequest(f"'image' is not a readable image ({len(data)} bytes; expected {FORMATS_TEXT}): "
+                         f"{exc}") from exc
     with img:
         fmt = str(img.format or "")
         width, height = img.size
-        if fmt not in JPEG_FORMATS | LOSSLESS_FORMATS:
-            raise BadRequest(f"unsupported image format {fmt or 'unknown'}; send JPEG, PNG, BMP or TIFF")
+        if fmt not in ACCEPTED_FORMATS:
+            raise BadRequest(f"unsupported image format {fmt or 'unknown'}; send {FORMATS_TEXT}")
         if width * height > MAX_PIXELS:
             raise BadRequest(f"image is {width}x{height} = {width * height / 1e6:.0f} megapixels, over the "
                              f"{MAX_PIXELS / 1e6:.0f} MP limit (decompression bomb?); downscale it")

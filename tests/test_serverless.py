@@ -330,6 +330,8 @@ def _bad_inputs(jpeg: bytes) -> dict[str, tuple[Any, str]]:
         "threshold NaN": (b'{"image": "' + _b64(jpeg).encode() + b'", "threshold": NaN}', "threshold"),
         "threshold bool": ({"image": _b64(jpeg), "threshold": True}, "threshold"),
         "threshold list": ({"image": _b64(jpeg), "threshold": [0.5]}, "threshold"),
+        "JSON nested 100,000 deep": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        "JSON object nested deep": (b'{"image": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001, "nested too deeply"),
     }
 
 
@@ -346,6 +348,21 @@ def test_bad_input_is_a_400_with_a_message_and_the_worker_keeps_serving(ctx: Ctx
     assert "Traceback" not in response.body
     assert "bad request" in ctx.text
     assert len(_ok(ctx, _payload(jpeg, threshold=LOW))) >= 6
+
+
+def test_accepted_formats_are_said_the_same_everywhere(ctx: Ctx) -> None:
+    from wbc_core.data.images import FORMATS_TEXT
+
+    assert "WebP" in FORMATS_TEXT
+    webp = _encode(_slide(), "WEBP", lossless=True)
+    assert len(_ok(ctx, _payload(webp, threshold=LOW))) >= 6, "WebP is accepted, as said"
+    for body in ({"image": _b64(b"not an image")}, {"image": _b64(_encode(_slide(), "GIF"))}, b""):
+        assert FORMATS_TEXT in json.loads(_call(ctx, body).body)["error"]
+    helped = subprocess.run([sys.executable, "-m", "serverless", "annotate", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert FORMATS_TEXT in " ".join(helped.stdout.split())
+    readme = " ".join((REPO / "serverless" / "README.md").read_text().split())
+    assert "JPEG, PNG, BMP, TIFF and WebP are accepted" in readme
 
 
 def _rss_mb() -> float:

@@ -86,3 +86,32 @@ def load_config(path: str | Path | None) -> TrainConfig:
         return TrainConfig.from_dict(yaml.safe_load(text) or {})
     path = Path(path)
     return TrainConfig.from_dict(read_yaml_mapping(path, "config"), base_dir=path.parent)
+
+
+#: Model config keys that only shape training: fine-tuning keeps the training config's values for these and
+#: takes every other (architecture, input size) from the bundle it starts from.
+TRAINING_ONLY_MODEL_KEYS = ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "box_batch_size_per_image",
+                            "trainable_backbone_layers")
+
+
+def finetune_from_bundle(cfg: TrainConfig, bundle_dir: str | Path, lr_scale: float = 0.3) -> TrainConfig:
+    """``cfg`` set to fine-tune the segmenter of ``bundle_dir``: its weights, its architecture and input scale
+    (the weights were trained at them), the training-only model keys of ``cfg``, and a gentler start (lr x
+    ``lr_scale``, a short warm-up: a trained model's first steps must not undo it). Class heads are
+    re-initialised when the class count differs (:func:`wbc_core.model.load_weights`)."""
+    from wbc_core.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    if bundle.model_config.backbone != cfg.model.backbone:
+        raise ValueError(f"the bundle {bundle_dir} is a {bundle.model_config.backbone} model but the segmenter "
+                         f"config asks for {cfg.model.backbone}; start from scratch or use a {cfg.model.backbone} "
+                         "bundle")
+    keep = {k: v for k, v in cfg.model.to_dict().items() if k in TRAINING_ONLY_MODEL_KEYS}
+    cfg.model = SegmenterConfig.from_dict({**bundle.model_config.to_dict(), **keep,
+                                           "weights": str(bundle.segmenter_path), "backbone_weights": None})
+    if bundle.scale:
+        cfg.scale = ScaleConfig.from_dict({k: v for k, v in bundle.scale.items()
+                                           if k in ScaleConfig.__dataclass_fields__})
+    cfg.train.lr *= lr_scale
+    cfg.train.warmup_steps = min(cfg.train.warmup_steps, 10)
+    return cfg

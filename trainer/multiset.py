@@ -450,3 +450,15 @@ def build_training_data(cfg: MultiSetConfig, sets: list[SetSpec], data_root: Pat
                   "all_sets_shippable": all(s.ship for s in sets),
                   "multiset_config": cfg.source}
     return merged, provenance
+
+
+def subset_frames(data: AnnotatedDataset, indices: list[int] | np.ndarray) -> AnnotatedDataset:
+    """The frames ``indices`` of a merged dataset, with its per-frame ``meta`` lists (``frame_set``,
+    ``frame_box_only``, ``frame_rbc_px``) cut the same way (e.g. a few-shot subset of one set)."""
+    idx = [int(i) for i in indices]
+    if not idx or min(idx) < 0 or max(idx) >= len(data.images):
+        raise ValueError(f"frame indices must lie in [0, {len(data.images)}), got {idx[:5]}...")
+    meta = {k: ([v[i] for i in idx] if k.startswith("frame_") and isinstance(v, list) else v)
+            for k, v in data.meta.items()}
+    return AnnotatedDataset(images=[data.images[i] for i in idx], labels=list(data.labels),
+                            source=f"{data.source} ({len(idx)} frames)", meta=meta)

@@ -35,11 +35,6 @@ from typing import Any
 from wbc_core.config_io import check_known, dataclass_from_dict, read_yaml_mapping
 from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord
 
-#: Model config keys that only shape training: a fine-tuning run keeps the retrain config's values for these and
-#: takes every other (architecture, input size) from the bundle it starts from.
-TRAINING_ONLY_MODEL_KEYS = ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "box_batch_size_per_image",
-                            "trainable_backbone_layers")
-
 log = logging.getLogger(__name__)
 
 PROMOTED, REFUSED, NOTHING_NEW, BUSY, FAILED = 0, 10, 11, 75, 1
@@ -303,25 +298,13 @@ class Cycle:
             tcfg.train.epochs = seg.epochs
         base = self.base_bundle(current)
         if base is not None:
-            from trainer.data.segmentation_dataset import ScaleConfig
-            from wbc_core.bundle import load_bundle
-            from wbc_core.model import SegmenterConfig
+            from trainer.config import finetune_from_bundle
 
-            bundle = load_bundle(base)
-            if bundle.model_config.backbone != tcfg.model.backbone:
-                raise ValueError(f"the bundle {base} is a {bundle.model_config.backbone} model but the segmenter "
-                                 f"config asks for {tcfg.model.backbone}; set segmenter.from_current: false (or "
-                                 "segmenter.first: scratch) to start over")
-            # the architecture and the input scale the weights were trained at come with them
-            keep = {k: v for k, v in tcfg.model.to_dict().items() if k in TRAINING_ONLY_MODEL_KEYS}
-            tcfg.model = SegmenterConfig.from_dict({**bundle.model_config.to_dict(), **keep,
-                                                    "weights": str(bundle.segmenter_path), "backbone_weights": None})
-            if bundle.scale:
-                tcfg.scale = ScaleConfig.from_dict({k: v for k, v in bundle.scale.items()
-                                                    if k in ScaleConfig.__dataclass_fields__})
-            # a trained model needs a gentler start than random weights, or the first steps undo it
-            tcfg.train.lr *= seg.finetune_lr_scale
-            tcfg.train.warmup_steps = min(tcfg.train.warmup_steps, 10)
+            try:
+                finetune_from_bundle(tcfg, base, seg.finetune_lr_scale)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (retrain: set segmenter.from_current: false, or segmenter.first: "
+                                 "scratch)") from exc
             log.info("segmenter: fine-tuning %s (%s)", base, "current version" if base == current else "starter")
         return train_segmenter(tcfg, pool.train, self.dir / "segmenter", progress=self.progress)
 

@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     import torch
 
 
+#: The image formats every entry point accepts (PIL format names), defined once: the function's checks and
+#: 400 messages, ``--help`` texts and the READMEs say :data:`FORMATS_TEXT`. MPO: phone JPEGs with an
+#: embedded depth/preview image.
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "TIFF", "WEBP"})
+ACCEPTED_FORMATS = JPEG_FORMATS | LOSSLESS_FORMATS
+FORMATS_TEXT = "JPEG, PNG, BMP, TIFF or WebP"
+
+
 class ImageReadError(OSError):
     """An image file is missing, truncated or not an image."""
 
@@ -43,7 +52,7 @@ def read_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[np.nda
 
 
 def decode_rgb(data: bytes, min_long_side: int | None = None, name: str = "image") -> tuple[np.ndarray, float]:
-    """Decode image bytes (JPEG/PNG/BMP/TIFF) to RGB uint8; see :func:`read_rgb`.
+    """Decode image bytes (:data:`FORMATS_TEXT`) to RGB uint8; see :func:`read_rgb`.
 
     JPEGs are decoded by libjpeg through PIL's ``draft`` (the DCT-domain 1/2, 1/4, 1/8 reductions),
     EXIF orientation applied. Unlike OpenCV, which fills a cut-off JPEG with grey and returns it,
@@ -54,7 +63,7 @@ def decode_rgb(data: bytes, min_long_side: int | None = None, name: str = "image
         return _decode_jpeg(data, min_long_side, name)
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise ImageReadError(f"{name} is not a readable image (truncated or not JPEG/PNG/BMP/TIFF)")
+        raise ImageReadError(f"{name} is not a readable image (truncated or not {FORMATS_TEXT})")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), 1.0
 
 
