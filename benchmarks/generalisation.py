@@ -255,6 +255,65 @@ def classifier_sweep(predictor: Predictor, data_root: Path, stains: dict[str, Ca
     return out
 
 
+def judge(result: dict[str, Any]) -> dict[str, bool]:
+    """Which targets the result meets."""
+    met: dict[str, Any] = {}
+    for name, row in result["loso"].items():
+        if row.get("mask_ap") is not None:
+            met[f"loso_{name}_mask_ap"] = row["mask_ap"] >= TARGETS["loso_mask_ap"]
+        met[f"loso_{name}_recall50"] = row["recall50"] >= TARGETS["loso_recall50"]
+        met[f"loso_{name}_fp_per_image"] = row["fp_per_image"] <= TARGETS["fp_per_image"]
+    for name, rows in result["scale_sweep"].items():
+        base = rows["1"]["recall50"]
+        met[f"scale_{name}"] = all(base - r["recall50"] <= TARGETS["scale_recall_drop"] for r in rows.values())
+    for name, rows in result["stain_sweep"].items():
+        base = rows["original"]["recall50"]
+        met[f"stain_{name}"] = all(base - r["recall50"] <= TARGETS["stain_recall_drop"] for r in rows.values())
+    for name, row in result["in_domain"].items():
+        if row.get("reference_mask_ap") is not None and row.get("mask_ap") is not None:
+            met[f"in_domain_{name}"] = row["reference_mask_ap"] - row["mask_ap"] <= TARGETS["in_domain_drop"]
+    if (result["in_domain"].get("bccd") or {}).get("mask_ap") is not None:
+        met["bccd_in_domain_mask_ap"] = result["in_domain"]["bccd"]["mask_ap"] >= TARGETS["bccd_in_domain_mask_ap"]
+    met["bundle_mb"] = result["bundle_mb"] <= TARGETS["bundle_mb"]
+    return met
+
+
+def loso_row(path: str, data: AnnotatedDataset, threshold: float, scored: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """A left-out set's row: the bundle trained without it (``scored``: its row when already measured)."""
+    from wbc_core.bundle import load_bundle
+
+    row = dict(scored) if scored is not None else score_set(Predictor(path), data, threshold, desc="loso")
+    row["bundle"] = path
+    prov = load_bundle(path).provenance
+    row["trained_on"] = [s.get("name") for s in prov.get("datasets") or []]
+    row["train_seconds"] = prov.get("train_seconds")
+    return row
+
+
+def update(args: argparse.Namespace, shown: list[str]) -> int:
+    """``--update``: add ``--loso`` rows and ``--few-shot`` results to an existing result file (the rest as it was
+    measured), judge the targets again, redraw the plot."""
+    path = args.out / "generalisation.json"
+    result = json.loads(path.read_text())
+    threshold = float(result["bundle"]["score_threshold"])
+    for name, bundle in _pairs(args.loso, "--loso").items():
+        data = load_set(name, args.data_root)
+        if args.max_frames:
+            data.images = data.images[:args.max_frames]
+        result["loso"][name] = loso_row(bundle, data, threshold)
+        log.info("loso %s: %s", name, result["loso"][name])
+    for f in args.few_shot:
+        result["few_shot"].update(json.loads(f.read_text()).get("few_shot") or {})
+    result["met"] = judge(result)
+    result.setdefault("updates", []).append({"command": "python benchmarks/generalisation.py " + shlex.join(shown),
+                                             "git_sha": git_sha()})
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, args.out / "generalisation.png")
+    print(json.dumps({"met": result["met"], "loso": result["loso"]}, indent=1))
+    return 0
+
+
 # --- the plot -----------------------------------------------------------------------------------------------
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -335,8 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-frames", type=int, help="at most this many test frames per set (quick runs)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--update", action="store_true",
+                   help="add --loso rows and --few-shot results to OUT/generalisation.json (nothing else re-run)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    shown = [a if not a.startswith(str(REPO)) else str(Path(a).relative_to(REPO)) for a in (argv or sys.argv[1:])]
+    if args.update:
+        return update(args, shown)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -391,44 +455,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in _pairs(args.loso, "--loso").items():
         if name not in data:
             raise SystemExit(f"--loso {name}: not among --sets {sets}")
-        if Path(path).resolve() == Path(args.bundle).resolve():
-            row = dict(result["in_domain"][name])
-        else:
-            row = score_set(Predictor(path), data[name], threshold, desc=f"loso {name}")
-        row["bundle"] = path
-        prov = load_bundle(path).provenance
-        row["trained_on"] = [s.get("name") for s in prov.get("datasets") or []]
-        result["loso"][name] = row
+        same = Path(path).resolve() == Path(args.bundle).resolve()
+        result["loso"][name] = loso_row(path, data[name], threshold, result["in_domain"][name] if same else None)
     result["classifier_stain_sweep"] = classifier_sweep(predictor, args.data_root, STAINS) \
         if "bccd" in data else None
     result["few_shot"] = {}
     for f in args.few_shot:
         result["few_shot"].update(json.loads(f.read_text()).get("few_shot") or {})
-    # targets
-    met: dict[str, Any] = {}
-    for name, row in result["loso"].items():
-        if row.get("mask_ap") is not None:
-            met[f"loso_{name}_mask_ap"] = row["mask_ap"] >= TARGETS["loso_mask_ap"]
-        met[f"loso_{name}_recall50"] = row["recall50"] >= TARGETS["loso_recall50"]
-        met[f"loso_{name}_fp_per_image"] = row["fp_per_image"] <= TARGETS["fp_per_image"]
-    for name, rows in result["scale_sweep"].items():
-        base = rows["1"]["recall50"]
-        met[f"scale_{name}"] = all(base - r["recall50"] <= TARGETS["scale_recall_drop"] for r in rows.values())
-    for name, rows in result["stain_sweep"].items():
-        base = rows["original"]["recall50"]
-        met[f"stain_{name}"] = all(base - r["recall50"] <= TARGETS["stain_recall_drop"] for r in rows.values())
-    for name, row in result["in_domain"].items():
-        if row.get("reference_mask_ap") is not None and row.get("mask_ap") is not None:
-            met[f"in_domain_{name}"] = row["reference_mask_ap"] - row["mask_ap"] <= TARGETS["in_domain_drop"]
-    if (result["in_domain"].get("bccd") or {}).get("mask_ap") is not None:
-        met["bccd_in_domain_mask_ap"] = result["in_domain"]["bccd"]["mask_ap"] >= TARGETS["bccd_in_domain_mask_ap"]
-    met["bundle_mb"] = result["bundle_mb"] <= TARGETS["bundle_mb"]
     result["targets"] = TARGETS
-    result["met"] = met
+    result["met"] = met = judge(result)
     result["seconds"] = round(time.perf_counter() - t_all, 1)
     result["threads"] = args.threads
     result["git_sha"] = git_sha()
-    shown = [a if not a.startswith(str(REPO)) else str(Path(a).relative_to(REPO)) for a in (argv or sys.argv[1:])]
     result["command"] = "python benchmarks/generalisation.py " + shlex.join(shown)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generalisation.json").write_text(json.dumps(result, indent=1))

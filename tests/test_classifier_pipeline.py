@@ -45,9 +45,11 @@ def test_merge_rule() -> None:
     # a segmenter label the classifier never learned (e.g. blast cell, absent from PBC) is kept
     blast = merge_opinions("blast cell", 0.95, np.array([0.9, 0.1]), CLASSES, 0.75)
     assert (blast.label, blast.score, blast.attributes["decided_by"]) == ("blast cell", 0.95, "segmenter")
-    # a detection-only (one-class) segmenter: the classifier names the type
+    # a detection-only (one-class) segmenter: the classifier names the type; being a cell stays the
+    # segmenter's call, so an uncertain type does not drop the cell under the threshold
     wbc = merge_opinions("wbc", 0.8, np.array([0.3, 0.7]), CLASSES, 0.75, segmenter_has_types=False)
-    assert wbc.label == "neutrophil" and wbc.score == pytest.approx(0.56)
+    assert wbc.label == "neutrophil" and wbc.score == pytest.approx(0.8)
+    assert wbc.attributes["classifier_score"] == "0.700" and wbc.attributes["decided_by"] == "classifier"
     assert set(wbc.attributes) == set(ATTRIBUTES)
 
 
