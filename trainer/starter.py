@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     config_path = args.config or default_config_path()
     cfg = load_multiset_config(config_path)
+    if args.config is None:  # provenance names the packaged config, not this machine's install path
+        cfg.source = "trainer/configs/starter.yaml (packaged)"
     if args.epochs:
         cfg.train.train.epochs = args.epochs
     if args.max_minutes:
