@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from cvat_sync.client import CvatClient, CvatError, RetryPolicy
-from cvat_sync.config import JOB_FILTERS, ConfigError, Settings, load_settings
-from cvat_sync.pull import EXPORT_FORMATS, PullOptions, TaskReport, job_signature, pull_tasks
+from cvat_sync.config import JOB_FILTERS, ConfigError, Settings, load_settings, parse_ratio, parse_size
+from cvat_sync.pull import EXPORT_FORMATS, PullOptions, TaskReport, admitted, job_signature, printable, pull_tasks
 from cvat_sync.store import StoreError, read_provenance
 
 log = logging.getLogger("cvat_sync")
@@ -24,7 +24,8 @@ The server and credentials come from the environment or a config file readable o
   CVAT_USERNAME=... CVAT_PASSWORD=...
   CVAT_ORG=my-lab                  organization slug (optional)
 Config file: --config FILE, $CVAT_SYNC_CONFIG or ~/.config/cvat_sync/config.yaml (same keys in
-lower case without CVAT_: url, access_token, token, username, password, org, ca_bundle, out, jobs).
+lower case without CVAT_: url, access_token, token, username, password, org, ca_bundle, out, jobs,
+max_export_size, max_export_ratio).
 """
 
 DESCRIPTION = """\
@@ -37,12 +38,22 @@ Pull tasks (or every task of a project) from CVAT: the frames of admitted jobs a
 and their annotations, written as OUT/task-N/ (images/, annotations/instances_default.json in COCO 1.0,
 cvat_sync.json provenance). Incremental (an unchanged task is not downloaded again; unchanged frames
 are reused), resumable, and never half-written: the new dataset is swapped in only when complete.
+The server's answers are checked before anything is written: frame names become paths inside images/
+(/abs/x.jpg -> abs/x.jpg, ./x.jpg -> x.jpg; names with control characters, '..', or two frames sharing
+one file are refused), frame numbers and sizes must fit the task, frames must be images, and an export
+zip must stay within --max-export-size and --max-export-ratio. A refused or failed pull leaves --out as
+it was (frames already downloaded stay in .staging-task-N when a rerun can finish the pull).
 """ + CONNECTION
 
 LIST_DESCRIPTION = """\
-List the tasks the server shows you (id, name, project, frames, completed jobs, last update).
+List the tasks the server shows you (id, name, project, frames, last update) and how many of each task's
+jobs a pull would take under --jobs (not CVAT's own "completed" count, which needs the acceptance stage too).
 Reads from the server only; writes nothing.
 """ + CONNECTION
+
+# what each --jobs rule admits, in the words of CVAT's job fields (see pull.admitted)
+JOB_RULES = {"completed": "state=completed", "accepted": "state=completed, stage=acceptance",
+             "all": "every annotation job"}
 
 STATUS_DESCRIPTION = """\
 Show the datasets pulled under --out (task, frames, shapes, job filter, when and from where), read
@@ -59,8 +70,10 @@ examples:
   python -m cvat_sync status --check
 
 exit codes: 0 done, 1 error, 2 bad settings or not a CVAT server, 3 credentials or permission,
-4 task/project not found, 5 server unreachable after retries, 6 nothing usable to pull or a local
-write problem (disk full, lock held), 130 interrupted (run the same command again to finish).
+4 task/project not found, 5 server unreachable after retries, 6 nothing usable to pull, an answer
+refused as unsafe (frame names, impossible numbers, frames that are not images, zip bombs, oversized
+bodies) or a local write problem (disk full, lock held), 130 interrupted (run the same command again
+to finish).
 """
 
 
@@ -101,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-labels", action="store_true", help="fail on labels the label map does not know")
     p.add_argument("--skip-bad-frames", action="store_true", help="leave out frames that are not images "
                                                                   "instead of failing")
+    p.add_argument("--max-export-size", metavar="SIZE",
+                   help="--via export: refuse an export larger than this, zipped or unzipped (bytes, or "
+                        "with K/M/G/T: 500M, 8G; default: max_export_size in the config, else 8G)")
+    p.add_argument("--max-export-ratio", metavar="N",
+                   help="--via export: refuse an export whose contents are over N times its zipped size (a zip "
+                        "bomb; checked above 64 MiB; default: max_export_ratio in the config, else 200)")
     p.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _connection_args(p)
@@ -108,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="tasks on the server with their job states", description=LIST_DESCRIPTION,
                         formatter_class=raw, epilog=EPILOG)
     ls.add_argument("--project", type=int, help="only this project's tasks")
+    ls.add_argument("--jobs", choices=JOB_FILTERS, help="count the jobs pull --jobs would take (default: 'jobs' in "
+                                                        "the config, else completed)")
     _connection_args(ls)
 
     st = sub.add_parser("status", help="local datasets, and with --check whether the server has changes",
@@ -156,11 +177,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from wbc_core.labels import LabelMap
 
     settings = _settings(args)
+    max_bytes = (parse_size(args.max_export_size, "--max-export-size") if args.max_export_size is not None
+                 else settings.max_export_bytes)
+    max_ratio = (parse_ratio(args.max_export_ratio, "--max-export-ratio") if args.max_export_ratio is not None
+                 else settings.max_export_ratio)
     options = PullOptions(out=args.out or settings.out, jobs=args.jobs or settings.jobs, via=args.via,
                           export_format=args.export_format, dry_run=args.dry_run, workers=max(1, args.workers),
                           label_map=LabelMap.from_yaml(args.labels) if args.labels else LabelMap(),
                           strict_labels=args.strict_labels, skip_bad_frames=args.skip_bad_frames,
-                          progress=not args.no_progress and sys.stderr.isatty())
+                          progress=not args.no_progress and sys.stderr.isatty(),
+                          max_export_bytes=max_bytes, max_export_ratio=max_ratio)
     with CvatClient(settings, retry=_retry(args), pool_size=max(8, options.workers)) as client:
         version = client.server_version()
         log.info("CVAT %s at %s (%s%s)", version, settings.url, settings.auth_kind,
@@ -183,17 +209,27 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """Tasks with the number of jobs ``pull --jobs RULE`` would take: counted from the jobs themselves with
+    the rule pull uses (:func:`cvat_sync.pull.admitted`), not from the task's ``jobs.completed`` (CVAT counts
+    only jobs that are completed *and* in the acceptance stage there)."""
     settings = _settings(args)
+    rule = args.jobs or settings.jobs
     with CvatClient(settings, retry=_retry(args)) as client:
         version = client.server_version()
         params = {"project_id": args.project} if args.project is not None else {}
+        tasks = list(client.paginate("/api/tasks", params, what="tasks"))
+        by_task: dict[object, list[dict]] = {}
+        for job in client.paginate("/api/jobs", params, what="jobs"):  # one listing for all tasks
+            if isinstance(job, dict):
+                by_task.setdefault(job.get("task_id"), []).append(job)
         rows = []
-        for task in client.paginate("/api/tasks", params, what="tasks"):
-            jobs = task.get("jobs") or {}
-            project = task.get("project_id") or "-"
-            rows.append(f"{task['id']:>6}  {str(task.get('name', ''))[:40]:<40}  project {project:<5}  "
-                        f"{task.get('size', 0) or 0:>5} frames  jobs {jobs.get('completed', 0)}/{jobs.get('count', 0)}"
-                        f" completed  updated {str(task.get('updated_date', ''))[:19]}")
+        for task in tasks:
+            jobs = by_task.get(task.get("id"), [])
+            taken = sum(admitted(j, rule) for j in jobs)
+            project, name = task.get("project_id") or "-", printable(str(task.get("name", "")), 40)
+            rows.append(f"{task.get('id')!s:>6}  {name:<40}  project {project!s:<5}  "
+                        f"{task.get('size', 0) or 0!s:>5} frames  {taken}/{len(jobs)} jobs pull would take "
+                        f"(--jobs {rule}: {JOB_RULES[rule]})  updated {str(task.get('updated_date', ''))[:19]}")
     sys.stdout.write(f"CVAT {version} at {settings.url}: {len(rows)} tasks\n" + "\n".join(rows) + "\n")
     return 0
 
@@ -220,7 +256,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 sys.stdout.write(f"{folder}: no provenance (not written by cvat_sync?)\n")
                 continue
             task = prov["task"]
-            line = (f"{folder}: task {task['id']} ({task.get('name')}), {len(prov.get('frames', []))} frames, "
+            line = (f"{folder}: task {task['id']} ({printable(str(task.get('name')))}), "
+                    f"{len(prov.get('frames', []))} frames, "
                     f"{sum(prov.get('shapes', {}).values())} shapes, jobs {prov.get('jobs_filter')}, "
                     f"pulled {prov.get('pulled_at')} from {prov.get('server')}")
             if client is not None:

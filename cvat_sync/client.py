@@ -67,6 +67,27 @@ class ServerUnavailable(CvatError):
     exit_code = 5
 
 
+class TooLarge(CvatError):
+    """A response body grew past the limit it was given (a hostile or broken server); nothing is kept."""
+
+    exit_code = 6  # an answer refused as unsafe, like pull's PullError
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+# Bodies are read at most this big (counted as they arrive, whatever Content-Length says), so a hostile server
+# cannot make a pull hold gigabytes in memory: a frame (PIL refuses bigger images anyway), a JSON answer (a big
+# task's annotations are tens of MB).
+MAX_FRAME_BYTES = 512 << 20
+MAX_JSON_BYTES = 1 << 30
+
+# DRF's NotAuthenticated text: the server saw no credentials it knows (a header with a scheme it lacks, such as
+# ``Bearer`` before CVAT had Personal Access Tokens, is ignored, not rejected)
+NO_CREDENTIALS = "credentials were not provided"
+
+
 @dataclass
 class RetryPolicy:
     attempts: int = 6          # tries per call, the first included
@@ -181,8 +202,10 @@ class CvatClient:
         return self.base + path
 
     def _send(self, method: str, path: str, params: dict[str, Any] | None = None, json: Any = None,
-              auth_header: str | None = "auto", headers: dict[str, str] | None = None) -> requests.Response:
-        """One call with retries on connection errors, cut-off bodies, 429 and 5xx (body read fully)."""
+              auth_header: str | None = "auto", headers: dict[str, str] | None = None,
+              max_body: int | None = None) -> requests.Response:
+        """One call with retries on connection errors, cut-off bodies, 429 and 5xx (body read fully; a body over
+        ``max_body`` bytes is :class:`TooLarge`, read no further)."""
         url = self.url_for(path)
         hdrs = dict(headers or {})
         auth = self._authorization() if auth_header == "auto" else auth_header
@@ -195,7 +218,10 @@ class CvatClient:
             try:
                 self.requests_made += 1
                 resp = self.session.request(method, url, params=params, json=json, headers=hdrs,
-                                            timeout=(self.retry.connect_timeout, self.retry.read_timeout))
+                                            timeout=(self.retry.connect_timeout, self.retry.read_timeout),
+                                            stream=max_body is not None)
+                if max_body is not None:
+                    _read_body(resp, max_body)
             except requests.exceptions.SSLError as exc:
                 raise CvatError(f"TLS error talking to {self.base}: {_short(exc)}. For a private CA use "
                                 "--ca-bundle FILE (or CVAT_CA_BUNDLE); --insecure turns checks off") from None
@@ -217,10 +243,13 @@ class CvatClient:
                                 f"(last: {last}); is the server up? Try again later", status=None)
 
     def request(self, method: str, path: str, params: dict[str, Any] | None = None, json: Any = None,
-                ok: tuple[int, ...] = (200,), what: str | None = None, headers: dict[str, str] | None = None
-                ) -> requests.Response:
+                ok: tuple[int, ...] = (200,), what: str | None = None, headers: dict[str, str] | None = None,
+                max_body: int | None = None) -> requests.Response:
         """:meth:`_send`, then a clear error for any status not in ``ok``."""
-        resp = self._send(method, path, params=params, json=json, headers=headers)
+        try:
+            resp = self._send(method, path, params=params, json=json, headers=headers, max_body=max_body)
+        except TooLarge as exc:
+            raise TooLarge(f"{what or path} from {self.base}: {exc}", exc.limit) from None
         if resp.status_code not in ok:
             self._raise_for(resp, what or path)
         return resp
@@ -228,6 +257,12 @@ class CvatClient:
     def _raise_for(self, resp: requests.Response, what: str) -> None:
         detail = error_detail(resp)
         status = resp.status_code
+        if status == 401 and self.settings.access_token and NO_CREDENTIALS in detail.lower():
+            version = f"CVAT {self._server_version}" if self._server_version else "this CVAT server"
+            raise AuthError(f"{version} at {self.base} has no Personal Access Tokens: it ignored CVAT_ACCESS_TOKEN "
+                            "(Authorization: Bearer) and saw no credentials (PATs exist only on newer CVAT "
+                            "releases; 2.23 has none). Unset CVAT_ACCESS_TOKEN (it takes precedence) and use "
+                            "CVAT_TOKEN (an API key) or CVAT_USERNAME and CVAT_PASSWORD", status)
         if status == 401:
             raise AuthError(f"CVAT at {self.base} rejected the credentials ({self.settings.auth_kind}): {detail}. "
                             "Check CVAT_ACCESS_TOKEN / CVAT_TOKEN / CVAT_USERNAME+CVAT_PASSWORD", status)
@@ -246,7 +281,7 @@ class CvatClient:
     # --- helpers ------------------------------------------------------------------------------
 
     def get_json(self, path: str, params: dict[str, Any] | None = None, what: str | None = None) -> Any:
-        resp = self.request("GET", path, params=params, what=what)
+        resp = self.request("GET", path, params=params, what=what, max_body=MAX_JSON_BYTES)
         if not _is_json(resp):
             raise NotCvatError(f"{self.base}{path} answered {resp.headers.get('Content-Type', 'no content type')}, "
                                "not JSON: is this the CVAT server's URL (not its UI or a proxy login page)?")
@@ -255,7 +290,8 @@ class CvatClient:
     def get_bytes(self, path: str, params: dict[str, Any] | None = None, what: str | None = None) -> bytes:
         """A binary body (frames). Asks for no gzip: JPEG/PNG do not compress, and CVAT (Django's
         GZipMiddleware) would spend CPU gzipping every frame for nothing."""
-        return self.request("GET", path, params=params, what=what, headers={"Accept-Encoding": "identity"}).content
+        return self.request("GET", path, params=params, what=what, headers={"Accept-Encoding": "identity"},
+                            max_body=MAX_FRAME_BYTES).content
 
     def paginate(self, path: str, params: dict[str, Any] | None = None, what: str | None = None,
                  page_size: int = 100) -> Iterator[dict]:
@@ -271,9 +307,11 @@ class CvatClient:
                 return
             page = self.get_json(nxt, None, what)
 
-    def download(self, path: str, dest: Path, params: dict[str, Any] | None = None, what: str | None = None) -> int:
+    def download(self, path: str, dest: Path, params: dict[str, Any] | None = None, what: str | None = None,
+                 max_bytes: int | None = None) -> int:
         """Stream ``path`` into ``dest`` (written as ``dest.part`` then renamed); one attempt, no retries,
-        because CVAT's export ``result_url`` works only once. Returns the size in bytes."""
+        because CVAT's export ``result_url`` works only once. Returns the size in bytes. More than ``max_bytes``
+        (counted as received, whatever ``Content-Length`` says): :class:`TooLarge`, nothing kept."""
         part = dest.with_name(dest.name + ".part")
         headers = {"Authorization": self._authorization() or ""}
         self.requests_made += 1
@@ -285,13 +323,15 @@ class CvatClient:
                 size = 0
                 with open(part, "wb") as fh:
                     for chunk in resp.iter_content(1 << 20):
-                        fh.write(chunk)
                         size += len(chunk)
+                        if max_bytes is not None and size > max_bytes:
+                            raise TooLarge(f"{what or path} is larger than {max_bytes} bytes", max_bytes)
+                        fh.write(chunk)
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                 requests.exceptions.ChunkedEncodingError) as exc:
             part.unlink(missing_ok=True)
             raise ServerUnavailable(f"download of {what or path} broke off: {type(exc).__name__}") from None
-        except OSError:
+        except (OSError, CvatError):
             part.unlink(missing_ok=True)
             raise
         part.replace(dest)
@@ -316,6 +356,23 @@ class CvatClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_body(resp: requests.Response, limit: int) -> None:
+    """Read a streamed body into ``resp`` (so ``.content``/``.json()`` work), refusing more than ``limit`` bytes.
+    Connection errors and cut-off bodies propagate as ``requests`` raises them (the caller retries those)."""
+    body = bytearray()
+    try:
+        for chunk in resp.iter_content(1 << 20):
+            body += chunk
+            if len(body) > limit:
+                raise TooLarge(f"the server sent more than {limit >> 20} MiB, more than any CVAT answer of this "
+                               "kind; refused (nothing was kept)", limit)
+    except BaseException:
+        resp.close()
+        raise
+    resp._content = bytes(body)
+    resp._content_consumed = True
 
 
 def _is_json(resp: requests.Response) -> bool:

@@ -20,11 +20,14 @@ Config file (YAML, readable by its owner only: ``chmod 600``)::
     ca_bundle: /etc/ssl/my-ca.pem
     out: data/cvat             # where pulled datasets go
     jobs: completed            # completed | accepted | all
+    max_export_size: 8G        # --via export: refuse exports that would extract to more (bytes, or K/M/G/T)
+    max_export_ratio: 200      # --via export: refuse exports compressed more than this (zip bombs)
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,40 @@ import yaml
 
 DEFAULT_CONFIG = Path("~/.config/cvat_sync/config.yaml")
 JOB_FILTERS = ("completed", "accepted", "all")
+# --via export limits (zip bombs): total uncompressed size, and uncompressed/compressed ratio. A real CVAT export
+# is frames (JPEG/PNG: ratio ~1) plus annotations (JSON/XML: ~5-30), so 200 leaves a wide margin; 8 GiB is
+# tens of thousands of typical slide frames.
+DEFAULT_MAX_EXPORT_BYTES = 8 << 30
+DEFAULT_MAX_EXPORT_RATIO = 200.0
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+def parse_size(value: object, what: str = "size") -> int:
+    """Bytes from ``123``, ``"500M"``, ``"8G"``, ``"1.5GiB"`` (binary units); ConfigError otherwise."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a size like 8G or 500M, not {value!r}")
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if match is None or match.group(2).upper() not in _UNITS:
+            raise ConfigError(f"{what} must be a size like 8G or 500M, not {value!r}")
+        number, unit = float(match.group(1)), match.group(2).upper()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{what} must be more than 0 bytes, not {value!r}")
+    return size
+
+
+def parse_ratio(value: object, what: str = "ratio") -> float:
+    try:
+        ratio = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number like 200, not {value!r}") from None
+    if isinstance(value, bool) or not ratio >= 1.0 or ratio == float("inf"):
+        raise ConfigError(f"{what} must be a number >= 1 like 200, not {value!r}")
+    return ratio
 
 
 class ConfigError(ValueError):
@@ -73,6 +110,8 @@ class Settings:
     insecure: bool = False
     out: Path = Path("data/cvat")
     jobs: str = "completed"
+    max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES
+    max_export_ratio: float = DEFAULT_MAX_EXPORT_RATIO
     source: str = "environment"
 
     @property
@@ -116,7 +155,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML{where}; fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a YAML mapping (url: ..., access_token: ...)")
-    known = {"url", "access_token", "token", "username", "password", "org", "ca_bundle", "insecure", "out", "jobs"}
+    known = {"url", "access_token", "token", "username", "password", "org", "ca_bundle", "insecure", "out", "jobs",
+             "max_export_size", "max_export_ratio"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
@@ -162,5 +202,9 @@ def load_settings(config: Path | None = None, env: dict[str, str] | None = None)
         insecure=bool(data.get("insecure", False)),
         out=Path(data.get("out", "data/cvat")),
         jobs=jobs,
+        max_export_bytes=parse_size(data.get("max_export_size", DEFAULT_MAX_EXPORT_BYTES),
+                                    f"{path}: max_export_size"),
+        max_export_ratio=parse_ratio(data.get("max_export_ratio", DEFAULT_MAX_EXPORT_RATIO),
+                                     f"{path}: max_export_ratio"),
         source=f"environment + {path}" if data else "environment",
     )

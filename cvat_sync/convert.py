@@ -18,6 +18,7 @@ Shape attributes come as ``[{spec_id, value}]``; they are stored by attribute *n
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -29,6 +30,9 @@ from wbc_core.data.types import Instance
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("polygon", "mask", "rectangle")
+# The largest frame (in pixels) a pull accepts: PIL refuses to open bigger images as decompression bombs
+# (2 x Image.MAX_IMAGE_PIXELS), and a mask the size of such a frame is ~180 MB, not a whole machine's memory.
+MAX_FRAME_PIXELS = 2 * 89_478_485
 
 
 class ShapeError(ValueError):
@@ -79,12 +83,22 @@ def shape_attributes(shape: dict, names: dict[int, str] | None, unknown: Counter
 
 
 def shape_to_instance(shape: dict, label: str, attribute_names: dict[int, str] | None = None,
-                      unknown_attributes: Counter | None = None) -> Instance:
+                      unknown_attributes: Counter | None = None,
+                      frame_size: tuple[int, int] | None = None) -> Instance:
     """One CVAT API shape as an :class:`Instance` (raises :class:`ShapeError`). ``attribute_names`` maps
-    attribute ids to names (see :func:`shape_attributes`)."""
+    attribute ids to names (see :func:`shape_attributes`); a mask may not be larger than ``frame_size``
+    (width, height), or than :data:`MAX_FRAME_PIXELS` when it is not known."""
     kind = shape.get("type")
-    points = [float(v) for v in shape.get("points") or []]
     where = f"shape {shape.get('id')} ({kind}, frame {shape.get('frame')})"
+    raw = shape.get("points") or []
+    if not isinstance(raw, list):
+        raise ShapeError(f"{where}: points must be a list, got {type(raw).__name__}")
+    try:
+        points = [float(v) for v in raw]
+    except (TypeError, ValueError):
+        raise ShapeError(f"{where}: points must be numbers") from None
+    if not all(math.isfinite(v) for v in points):
+        raise ShapeError(f"{where}: points must be finite numbers")
     attributes = shape_attributes(shape, attribute_names, unknown_attributes)
     common = {"label": label, "occluded": bool(shape.get("occluded", False)),
               "source": str(shape.get("source") or "manual"), "attributes": attributes}
@@ -99,9 +113,14 @@ def shape_to_instance(shape: dict, label: str, attribute_names: dict[int, str] |
         width, height = right - left + 1, bottom - top + 1
         if width <= 0 or height <= 0:
             raise ShapeError(f"{where}: mask box [{left}, {top}, {right}, {bottom}] is empty")
+        if frame_size is not None and (width > frame_size[0] + 1 or height > frame_size[1] + 1):
+            raise ShapeError(f"{where}: mask box {width}x{height} is larger than the {frame_size[0]}x"
+                             f"{frame_size[1]} frame")
+        if width * height > MAX_FRAME_PIXELS:
+            raise ShapeError(f"{where}: mask box {width}x{height} is larger than any frame")
         try:
             crop = cvat_rle_decode(points[:-4], width, height)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             raise ShapeError(f"{where}: {exc}") from None
         return Instance(mask_crop=crop, mask_origin=(left, top), **common)
     if kind == "rectangle":
@@ -112,21 +131,39 @@ def shape_to_instance(shape: dict, label: str, attribute_names: dict[int, str] |
     raise ShapeError(f"{where}: unsupported shape type {kind!r}")
 
 
+def _int(value: object) -> int | None:
+    """A shape's frame or label id as an int (None when the server sent something else)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return int(value)
+    except (ValueError, OverflowError):
+        return None
+
+
 def convert_annotations(annotations: dict, label_names: dict[int, str], frames: set[int] | None = None,
-                        attribute_names: dict[int, str] | None = None) -> Converted:
+                        attribute_names: dict[int, str] | None = None,
+                        frame_sizes: dict[int, tuple[int, int]] | None = None) -> Converted:
     """Shapes of an annotations response grouped by frame, for ``frames`` only (all when None).
 
     ``label_names`` maps CVAT label ids to names, ``attribute_names`` attribute ids to names (see
     :func:`label_attribute_names`). Shapes of unknown labels, unsupported types, broken geometry, and all tracks
     are counted in ``skipped`` under a reason. Attribute ids the labels do not declare are kept as
     ``"attribute <id>"``, counted in ``unknown_attributes`` and logged once (one warning per call).
+    ``frame_sizes`` (frame -> (width, height)) bounds mask boxes. Malformed shapes (not an object, a frame or
+    label that is not a number, points that are not finite numbers) are counted, never raised.
     """
     out = Converted()
-    for shape in annotations.get("shapes") or []:
-        frame = int(shape.get("frame", -1))
+    shapes = annotations.get("shapes") if isinstance(annotations, dict) else None
+    for shape in shapes if isinstance(shapes, list) else []:
+        frame = _int(shape.get("frame", -1)) if isinstance(shape, dict) else None
+        label_id = _int(shape.get("label_id", -1)) if isinstance(shape, dict) else None
+        if frame is None or label_id is None:
+            out.skipped["malformed shapes"] += 1
+            continue
         if frames is not None and frame not in frames:
             continue
-        name = label_names.get(int(shape.get("label_id", -1)))
+        name = label_names.get(label_id)
         if name is None:
             out.skipped[f"label id {shape.get('label_id')} not in the task's labels"] += 1
             continue
@@ -134,13 +171,14 @@ def convert_annotations(annotations: dict, label_names: dict[int, str], frames: 
             out.skipped[f"{shape.get('type')} shapes (no cell outline)"] += 1
             continue
         try:
-            instance = shape_to_instance(shape, name, attribute_names, out.unknown_attributes)
-        except ShapeError:
+            instance = shape_to_instance(shape, name, attribute_names, out.unknown_attributes,
+                                         (frame_sizes or {}).get(frame))
+        except (ShapeError, TypeError, ValueError, OverflowError, AttributeError):
             out.skipped["shapes with broken geometry"] += 1
             continue
         out.frames.setdefault(frame, []).append(instance)
-    tracks = annotations.get("tracks") or []
-    if tracks:
+    tracks = annotations.get("tracks") if isinstance(annotations, dict) else None
+    if isinstance(tracks, list) and tracks:
         out.skipped["tracks (video annotation)"] += len(tracks)
     if out.unknown_attributes:
         log.warning("attribute id(s) %s are not declared by the task's labels; their values are kept as %s "

@@ -10,7 +10,10 @@ Layout under ``--out``::
     .staging-task-12/                 a pull in progress (frames land here one by one, each recorded in
                                       frames.jsonl once complete, so an interrupted pull resumes)
     .old-task-12/                     the previous dataset for an instant during the swap
-    .task-12.lock                     held (flock) by the pull of task 12 while it runs
+    .task-12.lock                     held (flock) by the pull of task 12 while it runs (removed after)
+
+Frame names from the server become paths below ``images/`` only through :func:`frame_file_name`
+(normalised, never absolute, never climbing out); a pull that fails leaves ``--out`` as it was.
 
 A pull builds ``.staging-task-N`` and then swaps it in with two renames; a crash between them is
 repaired by the next run (:func:`recover`). Frames are reused from the previous dataset or from an
@@ -21,16 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from wbc_core.atomic import LockHeld, atomic_write_bytes, pid_lock, sha256_file
+from wbc_core.atomic import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +66,111 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class UnsafeFrameName(StoreError):
+    """A frame name from the server cannot become a file inside the dataset (control characters, ``..``,
+    empty, too long); the message says which name and why."""
+
+
+MAX_NAME_BYTES = 255    # one path component (file systems' NAME_MAX)
+MAX_PATH_BYTES = 1024   # a whole frame name below images/
+
+
+def frame_file_name(name: object) -> str:
+    """A CVAT frame name as the relative POSIX path it gets below ``images/`` (what the dataset's COCO file
+    references, and the trainer reads); :class:`UnsafeFrameName` when it cannot be one.
+
+    Normalised, never escaping ``images/``: backslashes become ``/``; empty, ``.`` and leading ``/`` components
+    are dropped (``/abs/x.jpg`` -> ``abs/x.jpg``, ``./x.jpg`` -> ``x.jpg``). Refused: ``..`` components, control
+    characters (NUL, newline, escape, ...) and lone surrogates, names with nothing left, and names too long
+    for a file system. Two names with the same result are a collision the caller must refuse.
+    """
+    if not isinstance(name, str):
+        raise UnsafeFrameName(f"frame name {name!r} is not a string")
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:
+        raise UnsafeFrameName(f"frame name {name!r} contains the control character {bad!r}")
+    parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", ".", "/")]
+    if not parts:
+        raise UnsafeFrameName(f"frame name {name!r} has no file name in it")
+    if ".." in parts:
+        raise UnsafeFrameName(f"frame name {name!r} climbs out of its folder ('..')")
+    if any(len(p.encode("utf-8")) > MAX_NAME_BYTES for p in parts) or len(name.encode("utf-8")) > MAX_PATH_BYTES:
+        raise UnsafeFrameName(f"frame name {name[:80]!r}... is too long for a file name")
+    return "/".join(parts)
+
+
 def safe_relpath(name: str) -> Path:
     """A frame name as a relative path inside ``images/`` (CVAT names may hold folders; no escaping)."""
-    parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", ".", "/")]
-    if not parts or any(p == ".." for p in parts):
-        raise StoreError(f"frame name {name!r} is not a safe relative file name")
-    return Path(*parts)
+    try:
+        return Path(frame_file_name(name))
+    except UnsafeFrameName as exc:
+        raise StoreError(f"frame name {name!r} is not a safe relative file name ({exc})") from None
+
+
+def lock_path(out: Path, task_id: int) -> Path:
+    return Path(out) / f".task-{task_id}.lock"
 
 
 @contextlib.contextmanager
 def task_lock(out: Path, task_id: int) -> Iterator[None]:
-    """Exclusive lock for one task's folder; a second pull of the same task fails at once."""
+    """Exclusive lock for one task's folder; a second pull of the same task fails at once.
+
+    The lock file (``flock``, holding the pid) exists only while a pull runs: it is removed before the lock is
+    released, and a pull that locked a file someone removed meanwhile takes a fresh one, so two pulls never
+    hold "the" lock at once.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    path = Path(out) / f".task-{task_id}.lock"
+    path = lock_path(out, task_id)
+    for _ in range(5):
+        fh = open(path, "a+")  # noqa: SIM115 - held for the duration of the with-block
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise StoreError(f"another pull of task {task_id} is running (pid {holder or '?'} holds {path}); "
+                             "wait for it to finish") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()  # the holder we waited for removed it: lock the new one
+    else:
+        raise StoreError(f"could not take the lock {path}; another pull of task {task_id} keeps replacing it")
     try:
-        held = pid_lock(path)
-        held.__enter__()
-    except LockHeld as exc:
-        raise StoreError(f"another pull of task {task_id} is running ({exc}); wait for it to finish") from None
-    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
         yield
     finally:
-        held.__exit__(None, None, None)
+        with contextlib.suppress(OSError):
+            path.unlink()  # before unlocking: whoever opened it meanwhile sees it is gone and retries
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def created_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (for :func:`remove_empty_dirs`)."""
+    missing = []
+    for folder in [Path(path), *Path(path).parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_empty_dirs(folders: list[Path]) -> None:
+    """Remove these folders (deepest first) where they are empty: what a pull created and left unused."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (a dataset, or a staging folder kept for resuming) or already gone
 
 
 def recover(out: Path, task_id: int) -> None:

@@ -117,7 +117,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         instances = [cell.to_instance() for cell in detection.cells]
         records.append(ImageRecord(name=path.name, width=detection.width, height=detection.height,
                                    instances=instances, frame_id=len(records)))
-        info = probe_image(data)
+        info = probe_image(data, min_long_side=1008)
         picture = decode_image(data, info, min_long_side=1008)
         save_png(draw_overlay(picture, [], detection.cells, detection.width, detection.height),
                  args.out / f"{stem}_overlay.png")

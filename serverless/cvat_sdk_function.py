@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Any
 import cvat_sdk.auto_annotation as cvataa
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 from cvat_sdk import models
 from cvat_sdk.masks import encode_mask
 
@@ -95,9 +94,9 @@ def _to_rgb8(image: PIL.Image.Image) -> np.ndarray:
     """A frame as RGB uint8 (H, W, 3), EXIF orientation applied. CVAT's original chunks are already upright (it
     re-encodes EXIF-rotated frames), so the transpose is a no-op there; it matters for a frame that still
     carries the tag."""
-    from wbc_core.data.images import pil_to_rgb8
+    from wbc_core.data.images import oriented, pil_to_rgb8
 
-    return pil_to_rgb8(PIL.ImageOps.exif_transpose(image))
+    return pil_to_rgb8(oriented(image))
 
 
 def mask_points(cell: Cell, width: int, height: int) -> list[float] | None:

@@ -40,17 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from wbc_core.bundle import BUNDLE_FILE, CLASSIFIER_FILE, SEGMENTER_FILE, Bundle
-from wbc_core.contract import Contract, check_spec, spec_attribute_names
-from wbc_core.cvat_json import detection_to_cvat_json
+from wbc_core.contract import MAX_RESPONSE_BYTES, Contract, check_spec, spec_attribute_names
+from wbc_core.cvat_json import detection_to_cvat_json_within
 from wbc_core.data.images import (
     ACCEPTED_FORMATS,
     FORMATS_TEXT,
     JPEG_FORMATS,
     ImageReadError,
+    decode_memory_bytes,
     decode_rgb,
+    oriented,
     pil_to_rgb8,
 )
 from wbc_core.detect import Detection, Predictor
@@ -61,6 +63,11 @@ log = logging.getLogger(__name__)
 MIN_SIDE = 32
 #: Largest accepted image (declared width x height). RV-PBS photos are 12.2 MP.
 MAX_PIXELS = 120_000_000
+#: Most memory one request's decode may take (:func:`wbc_core.data.images.decode_memory_bytes`: pixels x bytes
+#: per pixel of the stored mode and of the conversion to 8-bit RGB; JPEGs are decoded reduced). A 12 MP 8-bit
+#: PNG takes 85 MB, a 48 MP one 340 MB; a 16-bit or float TIFF/PNG costs more per pixel. function.yaml's memory
+#: limit is this plus the model's resident memory (benchmarks/results/hostile.json measures both).
+MAX_DECODE_BYTES = 768 * 2**20
 #: Seconds between two checks for a changed bundle (0: every request; negative: never).
 RELOAD_ENV = "WBC_RELOAD_SECONDS"
 DEFAULT_RELOAD_SECONDS = 5.0
@@ -170,11 +177,12 @@ def _parse_threshold(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What the header says: PIL format name and the frame size after EXIF orientation."""
+    """What the header says: PIL format name, the frame size after EXIF orientation and PIL's pixel mode."""
 
     format: str
     width: int
     height: int
+    mode: str = "RGB"
 
 
 def _orientation(img: Image.Image) -> int:
@@ -193,11 +201,12 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def probe_image(data: bytes) -> ImageInfo:
+def probe_image(data: bytes, min_long_side: int | None = None) -> ImageInfo:
     """Check an upload from its header (no full decode); raises :class:`BadRequest`.
 
-    Rejects non-images and unsupported formats, images under ``MIN_SIDE`` px and images declaring
-    more than ``MAX_PIXELS`` (before anything is decoded). Truncation is found by the decoder.
+    Rejects non-images and unsupported formats, images under ``MIN_SIDE`` px, images declaring more than
+    ``MAX_PIXELS`` and images whose decode would take more than ``MAX_DECODE_BYTES`` (JPEGs decoded reduced to
+    a long side of at least ``min_long_side``), before anything is decoded. Truncation is found by the decoder.
     """
     try:
         with warnings.catch_warnings():
@@ -218,13 +227,19 @@ def probe_image(data: bytes) -> ImageInfo:
                              f"{MAX_PIXELS / 1e6:.0f} MP limit (decompression bomb?); downscale it")
         if min(width, height) < MIN_SIDE:
             raise BadRequest(f"image is {width}x{height}; both sides must be at least {MIN_SIDE} px")
+        mode = str(img.mode)
+        need = decode_memory_bytes(fmt, mode, width, height, min_long_side)
+        if need > MAX_DECODE_BYTES:
+            raise BadRequest(f"decoding this {width}x{height} {fmt} image ({mode} pixels) would take "
+                             f"{need / 2**20:.0f} MB, over the {MAX_DECODE_BYTES / 2**20:.0f} MB limit; send it "
+                             "as an 8-bit RGB JPEG or PNG, or downscale it")
         orientation = _orientation(img)
         if fmt == "TIFF":  # newer Pillow reports a TIFF's size already oriented: start from the stored size
             with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
                 width, height = int(img.tag_v2[256]), int(img.tag_v2[257])
     if orientation in (5, 6, 7, 8):  # EXIF orientations that swap width and height
         width, height = height, width
-    return ImageInfo(fmt, width, height)
+    return ImageInfo(fmt, width, height, mode)
 
 
 def decode_image(data: bytes, info: ImageInfo | None = None, min_long_side: int | None = None) -> np.ndarray:
@@ -245,7 +260,7 @@ def decode_image(data: bytes, info: ImageInfo | None = None, min_long_side: int 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                return pil_to_rgb8(ImageOps.exif_transpose(img))
+                return pil_to_rgb8(oriented(img))  # transposed copy only when EXIF asks for one
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadRequest(f"{info.format} image is truncated or corrupt ({exc}); upload the complete file") from exc
 
@@ -288,6 +303,7 @@ class ModelHandler:
         self._next_check = time.monotonic() + max(self.reload_seconds, 0.0)
         self.last_reload_error: str | None = None
         self.last_timings: dict[str, float] = {}
+        self.max_response_bytes = MAX_RESPONSE_BYTES
 
     def _check_spec(self, contract: Contract) -> None:
         if self.spec is not None:
@@ -366,7 +382,7 @@ class ModelHandler:
     def detect(self, data: bytes, threshold: float | None = None) -> Detection:
         """Validate and decode an upload, then run the ``detect`` contract (raises :class:`BadRequest`)."""
         predictor = self.predictor  # one model for the whole request
-        info = probe_image(data)
+        info = probe_image(data, predictor.decode_side)
         if info.format in JPEG_FORMATS:
             try:
                 return predictor.detect(data, threshold)
@@ -391,7 +407,13 @@ class ModelHandler:
         parse = time.perf_counter() - t0
         detection = self.detect(data, threshold)
         t1 = time.perf_counter()
-        text = detection_to_cvat_json(detection, self.attributes)
+        text, left_out = detection_to_cvat_json_within(detection, self.max_response_bytes, self.attributes)
+        if left_out:
+            log.warning("response budget: %d of %d cells returned (%.0f MB, the limit is %.0f MB); the %d "
+                        "lowest-scoring left out", len(detection.cells) - left_out, len(detection.cells),
+                        len(text) / 2**20, self.max_response_bytes / 2**20, left_out)
+            detection.cells = detection.cells[:len(detection.cells) - left_out]
+            detection.capped += left_out
         self.last_timings = {"parse": parse, **detection.timings, "encode": time.perf_counter() - t1}
         return text, detection
 

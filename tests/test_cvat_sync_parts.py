@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,11 @@ import pytest
 import requests
 
 from cvat_sync.client import error_detail
-from cvat_sync.config import ConfigError, Secret, check_url, load_settings
+from cvat_sync.config import ConfigError, Secret, check_url, load_settings, parse_ratio, parse_size
 from cvat_sync.convert import convert_annotations, label_attribute_names, shape_to_instance
-from cvat_sync.store import StoreError, safe_relpath
+from cvat_sync.export import ExportRefused, ExportZip
+from cvat_sync.store import StoreError, UnsafeFrameName, frame_file_name, safe_relpath, task_lock
+from tests.cvat_standin.hostile import RawMember, deflate_zeros, write_zip
 from wbc_core.data.loader import load_dataset
 
 CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cvat-2.23.1-captures"
@@ -186,3 +190,117 @@ def test_frame_names_cannot_escape_the_images_folder() -> None:
     for bad in ("../x.jpg", "a/../../x.jpg", ""):
         with pytest.raises(StoreError):
             safe_relpath(bad)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("IMG_1.jpg", "IMG_1.jpg"), ("/abs/dir/IMG_1.jpg", "abs/dir/IMG_1.jpg"), ("./a.jpg", "a.jpg"),
+    ("a//b/./c.jpg", "a/b/c.jpg"), ("win\\path\\x.png", "win/path/x.png"), ("ünïcødé 🩸.jpg", "ünïcødé 🩸.jpg"),
+    ("with space.jpg", "with space.jpg"), ("C:\\slides\\x.tif", "C:/slides/x.tif"),
+])
+def test_frame_file_names_are_normalised_relative_paths(name: str, expected: str) -> None:
+    assert frame_file_name(name) == expected
+    assert not Path(frame_file_name(name)).is_absolute()
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("a\x00b.jpg", "control character"), ("a\nb.jpg", "control character"), ("\x1b[2Jx.jpg", "control character"),
+    ("\ud800.jpg", "control character"), ("../x.jpg", "'..'"), ("a/../../x.jpg", "'..'"), ("", "no file name"),
+    ("/", "no file name"), ("./", "no file name"), ("x" * 300 + ".jpg", "too long"), (None, "not a string"),
+])
+def test_frame_names_that_cannot_be_files_are_refused(name: object, why: str) -> None:
+    with pytest.raises(UnsafeFrameName, match=why):
+        frame_file_name(name)
+
+
+# --- export zips, read defensively ----------------------------------------------------------------------
+
+def test_export_zip_limits_come_from_the_declared_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.zip"
+    path.write_bytes(write_zip([RawMember("images/default/a.jpg", deflate_zeros(256 << 20), zipfile.ZIP_DEFLATED,
+                                          crc=0, file_size=256 << 20)]))
+    with pytest.raises(ExportRefused, match=r"compression ratio \d+:1, above --max-export-ratio 200"):
+        ExportZip(path, 1, max_bytes=8 << 30, max_ratio=200)
+    with pytest.raises(ExportRefused, match="more than --max-export-size"):
+        ExportZip(path, 1, max_bytes=100 << 20, max_ratio=10_000)
+    (tmp_path / "junk.zip").write_bytes(b"not a zip at all")
+    with pytest.raises(ExportRefused, match="not a valid zip"):
+        ExportZip(tmp_path / "junk.zip", 1, max_bytes=8 << 30, max_ratio=200)
+
+
+def test_export_zip_never_inflates_more_than_a_member_declares(tmp_path: Path) -> None:
+    # 64 MiB of zeros declared as 1000 bytes, with the CRC of those 1000 bytes: at most 1000 bytes come out
+    lying = RawMember("images/default/a.jpg", deflate_zeros(64 << 20), zipfile.ZIP_DEFLATED,
+                      crc=zlib.crc32(b"\0" * 1000), file_size=1000)
+    bad_crc = RawMember("images/default/b.jpg", deflate_zeros(1 << 20), zipfile.ZIP_DEFLATED, crc=1,
+                        file_size=1 << 20)
+    path = tmp_path / "lying.zip"
+    path.write_bytes(write_zip([lying, bad_crc, RawMember("annotations/instances_default.json", b"{}")]))
+    with ExportZip(path, 1, max_bytes=8 << 30, max_ratio=200) as ez:
+        members = ez.image_members("COCO 1.0")
+        assert sorted(members) == ["a.jpg", "b.jpg"]
+        assert [n for _, n in ez.annotation_members("COCO 1.0")] == ["instances_default.json"]
+        out = ez.extract(members["a.jpg"][0], tmp_path / "a.bin")
+        assert out.stat().st_size == 1000
+        with pytest.raises(ExportRefused, match="corrupt"):
+            ez.extract(members["b.jpg"][0], tmp_path / "b.bin")
+        assert not (tmp_path / "b.bin").exists()
+        with pytest.raises(ExportRefused, match=r"no annotations\.xml"):
+            ez.annotation_members("CVAT for images 1.1")
+
+
+def test_export_zip_members_are_found_by_normalised_frame_name_not_by_stored_path(tmp_path: Path) -> None:
+    path = tmp_path / "odd.zip"
+    path.write_bytes(write_zip([RawMember("images/default//tmp/x/a.jpg", b"1"),
+                                RawMember("images/default/./b.jpg", b"2"),
+                                RawMember("images/default/../../etc/passwd", b"3"), RawMember("images/c.jpg", b"4")]))
+    with ExportZip(path, 1, max_bytes=8 << 30, max_ratio=200) as ez:
+        assert sorted(ez.image_members("COCO 1.0")) == ["b.jpg", "tmp/x/a.jpg"]  # '..' members are never used
+        assert sorted(ez.image_members("CVAT for images 1.1")) == ["c.jpg", "default/b.jpg", "default/tmp/x/a.jpg"]
+
+
+def test_sizes_and_ratios_from_the_config_and_the_command_line(tmp_path: Path) -> None:
+    assert parse_size("8G") == 8 << 30 and parse_size("500M") == 500 << 20 and parse_size(1024) == 1024
+    assert parse_size("1.5GiB") == 3 << 29 and parse_ratio("150") == 150.0
+    for bad in ("-1", "0", "lots", "8X", True):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+    for bad in ("0.5", "many", float("inf")):
+        with pytest.raises(ConfigError):
+            parse_ratio(bad)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("url: https://cvat.example\nmax_export_size: 2G\nmax_export_ratio: 50\n")
+    os.chmod(cfg, 0o600)
+    s = load_settings(cfg, env={})
+    assert (s.max_export_bytes, s.max_export_ratio) == (2 << 30, 50.0)
+    assert (load_settings(None, env={"CVAT_URL": "https://x.example", "HOME": str(tmp_path)}).max_export_bytes
+            == 8 << 30)
+
+
+# --- what the server says is checked ---------------------------------------------------------------
+
+def test_malformed_shapes_are_counted_not_raised() -> None:
+    annotations = {"shapes": [
+        "not a shape",
+        {"id": 1, "type": "polygon", "frame": "x", "label_id": 5, "points": [0, 0, 10, 0, 10, 10]},
+        {"id": 2, "type": "polygon", "frame": 0, "label_id": 5, "points": [0, 0, "a", 0, 10, 10]},
+        {"id": 3, "type": "polygon", "frame": 0, "label_id": 5, "points": [0, 0, float("nan"), 0, 10, 10]},
+        {"id": 4, "type": "mask", "frame": 0, "label_id": 5, "points": [1e12, 0.0, 0.0, 999_999.0, 999_999.0]},
+        {"id": 5, "type": "mask", "frame": 0, "label_id": 5, "points": [2.0, 2.0, 0.0, 0.0, 1.0, 1.0]},
+        {"id": 6, "type": "polygon", "frame": 0, "label_id": 5, "points": [0, 0, 10, 0, 10, 10]},
+    ], "tracks": "not a list"}
+    converted = convert_annotations(annotations, {5: "basophil"}, frame_sizes={0: (100, 80)})
+    assert converted.skipped == {"malformed shapes": 2, "shapes with broken geometry": 3}
+    assert [i.kind for i in converted.frames[0]] == ["mask", "polygon"]
+    assert convert_annotations([], {5: "basophil"}).frames == {}  # type: ignore[arg-type]
+
+
+def test_the_lock_file_exists_only_while_a_pull_holds_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with task_lock(out, 7):
+        assert (out / ".task-7.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(StoreError, match="another pull of task 7"), task_lock(out, 7):
+            pass
+    assert not (out / ".task-7.lock").exists()
+    with task_lock(out, 7):  # and it can be taken again
+        pass
+    assert list(out.iterdir()) == []

@@ -457,7 +457,10 @@ def test_list_and_status(cvat: StandinCVAT, task: int, tmp_path: Path, monkeypat
         monkeypatch.setenv(key, value)
     assert cli(["list"]) == 0
     listed = capsys.readouterr().out
-    assert "CVAT 2.23.1" in listed and "slides" in listed and "jobs 1/2 completed" in listed
+    assert "CVAT 2.23.1" in listed and "slides" in listed
+    assert "1/2 jobs pull would take (--jobs completed: state=completed)" in listed  # what pull takes, not CVAT's
+    assert cli(["list", "--jobs", "accepted"]) == 0                                # 'completed' (needs acceptance)
+    assert "0/2 jobs pull would take (--jobs accepted: state=completed, stage=acceptance)" in capsys.readouterr().out
     assert cli(["status", "--out", str(tmp_path)]) == 0
     assert "no pulled tasks" in capsys.readouterr().out
     assert cli(["pull", "--task", str(task), "--out", str(tmp_path)]) == 0

@@ -345,3 +345,37 @@ def test_folder_and_images_dir(tmp_path: Path) -> None:
     other.mkdir()
     (other / "IMG_1.jpg").write_bytes(b"x")
     assert read_cvat_xml(tmp_path, images_dir=other).images[0].path == other / "IMG_1.jpg"
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../outside.jpg", "images/../../outside.jpg", "a\0b.jpg",
+                                  "C:/Windows/win.ini"])
+def test_a_frame_name_leading_outside_the_dataset_is_never_read(tmp_path: Path, name: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13: an export's frame names must not make the loader read other files of this machine."""
+    from wbc_core.data.cvat_xml import find_image
+
+    (tmp_path / "outside.jpg").write_bytes(b"x")
+    folder = tmp_path / "dataset"
+    (folder / "images").mkdir(parents=True)
+    assert find_image(name, [folder / "images", folder]) is None
+    assert "outside the dataset folder" in caplog.text
+    if "\0" not in name:  # XML cannot carry a NUL
+        (folder / "annotations.xml").write_text(xml_with("").replace('name="IMG_1.jpg"', f'name="{name}"'))
+        assert read_cvat_xml(folder).images[0].path is None
+
+
+@pytest.mark.parametrize("declared", [None, 1024], ids=["honest-sizes", "lying-sizes"])
+def test_a_zip_bomb_export_is_refused_and_nothing_is_left(tmp_path: Path, declared: int | None) -> None:
+    """Issue 13: the trainer reading an export zip must not inflate a bomb (here 256 MiB from ~250 KB)."""
+    from tests.cvat_standin.hostile import RawMember, deflate_zeros, write_zip
+
+    bomb = write_zip([RawMember("annotations.xml", xml_with("").encode()),
+                      RawMember("images/IMG_1.jpg", deflate_zeros(256 * 2**20), zipfile.ZIP_DEFLATED, crc=0,
+                                file_size=256 * 2**20 if declared is None else declared)])
+    path = tmp_path / "export.zip"
+    path.write_bytes(bomb)
+    out = tmp_path / "x"
+    # honest sizes: refused from the directory; lying ones: zipfile stops at the declared size, the CRC fails
+    with pytest.raises(DatasetError, match="zip bomb" if declared is None else "cannot extract"):
+        read_cvat_xml(path, extract_dir=out)
+    assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True

@@ -69,6 +69,22 @@ def test_package_bundle_cli(bundle: Path, tmp_path: Path, capsys: pytest.Capture
     load_bundle(tmp_path / "out")
 
 
+def test_serving_settings_are_changed_and_recorded(bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="red-cell scale mode"):  # a fixed-size bundle has no red-cell scale
+        package_bundle(bundle, tmp_path / "x", rbc_px=72)
+    meta = yaml.safe_load((bundle / BUNDLE_FILE).read_text())
+    meta["preprocessing"] = {**(meta.get("preprocessing") or {}), "scale": {"mode": "rbc", "rbc_px": 48.0}}
+    (bundle / BUNDLE_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    assert main(["package-bundle", str(bundle), str(tmp_path / "out"), "--rbc-px", "72", "--threshold", "0.9"]) == 0
+    served = load_bundle(tmp_path / "out")
+    assert served.scale["rbc_px"] == 72.0 and served.score_threshold == 0.9
+    assert served.raw["provenance"]["serving"] == {"rbc_px": {"from": 48.0, "to": 72.0},
+                                                   "score_threshold": {"from": 0.3, "to": 0.9}}
+    for bad in (["--threshold", "1.5"], ["--rbc-px", "1000"]):  # refused: exit 2 with the reason, nothing written
+        assert main(["package-bundle", str(bundle), str(tmp_path / "bad"), *bad]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
 def test_default_bundle_is_the_environment_then_the_starter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WBC_BUNDLE_DIR", raising=False)
     assert default_bundle_dir() == STARTER_DIR

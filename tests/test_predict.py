@@ -22,7 +22,14 @@ from tests.tiny_models import spread_untrained_segmenter
 from wbc_core.bundle import write_bundle
 from wbc_core.data.images import ImageReadError, decode_jpeg_torch, decode_rgb
 from wbc_core.detect import Predictor, paste_mask
-from wbc_core.model import SegmenterConfig, build_model, fold_batchnorm, optimize_for_inference
+from wbc_core.model import (
+    FusedBody,
+    SegmenterConfig,
+    build_model,
+    fold_batchnorm,
+    fuse_backbone_body,
+    optimize_for_inference,
+)
 
 
 def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
@@ -54,6 +61,40 @@ def test_folded_channels_last_backbone_equals_the_original(backbone: str) -> Non
     for key in ref:  # float rounding only: deep random ResNets amplify it, so relative to the output scale
         scale = float(ref[key].abs().max())
         assert float((out[key] - ref[key]).abs().max()) <= 1e-4 * scale + 1e-5, key
+
+
+def test_fused_backbone_body_equals_eager_at_its_shape_and_others() -> None:
+    torch.manual_seed(0)
+    model = optimize_for_inference(_trained_like(build_model(SegmenterConfig(min_size=96, max_size=128), 2)))
+    eager = copy.deepcopy(model.backbone)
+    assert fuse_backbone_body(model, 96, 128)
+    assert isinstance(model.backbone.body, FusedBody) and model.backbone.body.fused is not None
+    with torch.inference_mode():
+        for h, w in [(96, 128), (160, 96), (96, 128)]:  # built-for shape, a new one, back
+            x = torch.rand(1, 3, h, w).contiguous(memory_format=torch.channels_last)
+            ref, out = eager(x), model.backbone(x)
+            for key in ref:
+                assert float((out[key] - ref[key]).abs().max()) <= 1e-4 * float(ref[key].abs().max()) + 1e-5
+    assert model.backbone.body.fused is not None, "fell back to eager on a valid input"
+
+
+def test_fused_body_falls_back_to_eager_when_the_graph_fails() -> None:
+    body = optimize_for_inference(build_model(SegmenterConfig(min_size=64, max_size=64), 2)).backbone.body
+    fused = FusedBody(body, torch.rand(1, 3, 64, 64).contiguous(memory_format=torch.channels_last))
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError):  # eager refuses a 2-channel image too: the error is the model's
+            fused(torch.rand(1, 2, 64, 64))
+        assert fused.fused is None  # ... and the fused graph is no longer used
+        x = torch.rand(1, 3, 64, 64)
+        assert all(torch.equal(a, b) for a, b in zip(fused(x).values(), body(x).values(), strict=True))
+
+
+def test_the_predictor_fuses_only_where_input_shapes_repeat(bundle_and_model: tuple[Path, torch.nn.Module]
+                                                            ) -> None:
+    bundle, _ = bundle_and_model
+    assert Predictor(bundle, device="cpu").fused  # fixed input size on a CPU
+    assert not Predictor(bundle, device="cpu", fuse=False).fused
+    assert not isinstance(Predictor(bundle, device="cpu", fuse=False).model.backbone.body, FusedBody)
 
 
 def test_fold_batchnorm_leaves_a_model_without_conv_bn_pairs_alone() -> None:

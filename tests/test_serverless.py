@@ -8,13 +8,10 @@ bundle's default threshold is set to the median score so that "use the bundle's 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +29,14 @@ from serverless import main as function
 from serverless.__main__ import build_event, request_body
 from serverless.__main__ import main as cli_main
 from serverless.model_handler import (
-    MAX_PIXELS,
-    MIN_SIDE,
+    MAX_DECODE_BYTES,
     ModelHandler,
     decode_image,
     parse_request,
     probe_image,
 )
+from tests.hostile_images import b64 as _b64
+from tests.hostile_images import bad_requests, encode, png_header, small_slide
 from tests.nuclio_context import Ctx
 from tests.tiny_models import blob_segmenter
 from wbc_core.bundle import BundleError, load_bundle, write_bundle
@@ -57,18 +55,10 @@ LOW = 0.02  # above the model's box_score_thresh (0.01)
 # --- fixtures ----------------------------------------------------------------------------------
 
 def _slide() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    img = np.full((H, W, 3), (225, 205, 215), np.uint8)
-    for _ in range(6):
-        centre = (int(rng.integers(30, W - 30)), int(rng.integers(30, H - 30)))
-        cv2.circle(img, centre, int(rng.integers(12, 30)), (120, 60, 150), -1)
-    return img
+    return small_slide(W, H)
 
 
-def _encode(img: np.ndarray | Image.Image, fmt: str, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(buf, fmt, **kw)
-    return buf.getvalue()
+_encode = encode
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +155,14 @@ def test_function_yaml_has_every_field_cvat_and_nuclio_read(name: str) -> None:
     if name == "function.yaml":
         assert trigger["numWorkers"] == 1 and spec["eventTimeout"] == "30s"
         assert "download.pytorch.org/whl/cpu" in directives
-        assert "resources" not in spec
+        limits = spec["resources"]["limits"]
+        assert "nvidia.com/gpu" not in limits
+        # the container's memory limit covers the worst accepted image measured by benchmarks/hostile.py
+        measured = json.loads((REPO / "benchmarks" / "results" / "hostile.json").read_text())
+        units = {"Mi": 2**20, "Gi": 2**30}
+        limit = int(limits["memory"][:-2]) * units[limits["memory"][-2:]]
+        assert limit >= 1.25 * measured["worst_image"]["peak_rss_mb"] * 2**20
+        assert measured["max_decode_mb"] * 2**20 == MAX_DECODE_BYTES
     else:
         assert trigger["numWorkers"] == 1 and spec["eventTimeout"] == "10s"
         assert "torch==" in directives and "whl/cpu" not in directives
@@ -263,76 +260,8 @@ def test_base64_with_newlines_or_data_url_is_accepted(jpeg: bytes) -> None:
 
 # --- bad input -------------------------------------------------------------------------------------
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width x height but holds almost no data (never decoded in full)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 16))
-            + _chunk(b"IEND", b""))
-
-
-def _jpeg_declaring(jpeg: bytes, width: int, height: int) -> bytes:
-    """The test JPEG with its SOF header patched to declare width x height."""
-    data = bytearray(jpeg)
-    i = 2
-    while i < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
-        if marker in (0xC0, 0xC1, 0xC2):
-            data[i + 5:i + 9] = struct.pack(">HH", height, width)
-            return bytes(data)
-        i += 2 + length
-    raise AssertionError("no SOF marker")
-
-
-def _half(data: bytes) -> bytes:
-    return data[: len(data) // 2]
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def _bad_inputs(jpeg: bytes) -> dict[str, tuple[Any, str]]:
-    """name -> (body, a word the error message must contain)."""
-    big = int((MAX_PIXELS * 1.1) ** 0.5)
-    tiny = np.full((1, 1, 3), 200, np.uint8)
-    small = np.full((MIN_SIDE - 1, 64, 3), 200, np.uint8)
-    return {
-        "no body": (None, "empty"),
-        "empty bytes": (b"", "empty"),
-        "blank str": ("  ", "empty"),
-        "non-JSON bytes": (b"\xff\xd8\xff\xe0 definitely not json", "JSON"),
-        "broken JSON": (b'{"image": "abc"', "JSON"),
-        "JSON list": (b'[{"image": "abc"}]', "object"),
-        "JSON without image": (b'{"threshold": 0.5}', "image"),
-        "image is a number": ({"image": 123}, "string"),
-        "image is null": ({"image": None}, "string"),
-        "image is a list": ({"image": ["abc"]}, "string"),
-        "image not base64": ({"image": "this is not base64!"}, "base64"),
-        "image empty": ({"image": ""}, "empty"),
-        "base64 of text": ({"image": _b64(b"hello, I am not an image")}, "image"),
-        "truncated JPEG": ({"image": _b64(jpeg[: len(jpeg) * 6 // 10])}, "truncated"),
-        "JPEG without EOI": ({"image": _b64(jpeg[:-2])}, "truncated"),
-        "truncated PNG": ({"image": _b64(_half(_encode(_slide(), "PNG")))}, "truncated"),
-        "zero-size PNG": ({"image": _b64(_png_header(0, 0))}, "image"),
-        "1x1 PNG": ({"image": _b64(_encode(tiny, "PNG"))}, str(MIN_SIDE)),
-        "too small JPEG": ({"image": _b64(_encode(small, "JPEG"))}, str(MIN_SIDE)),
-        "bomb PNG (PIL limit)": ({"image": _b64(_png_header(30000, 30000))}, "large"),
-        "bomb PNG (our limit)": ({"image": _b64(_png_header(big, big))}, "megapixels"),
-        "bomb JPEG": ({"image": _b64(_jpeg_declaring(jpeg, big, big))}, "megapixels"),
-        "GIF": ({"image": _b64(_encode(_slide(), "GIF"))}, "unsupported"),
-        "threshold abc": ({"image": _b64(jpeg), "threshold": "abc"}, "threshold"),
-        "threshold negative": ({"image": _b64(jpeg), "threshold": -0.1}, "threshold"),
-        "threshold > 1": ({"image": _b64(jpeg), "threshold": 1.5}, "threshold"),
-        "threshold NaN": (b'{"image": "' + _b64(jpeg).encode() + b'", "threshold": NaN}', "threshold"),
-        "threshold bool": ({"image": _b64(jpeg), "threshold": True}, "threshold"),
-        "threshold list": ({"image": _b64(jpeg), "threshold": [0.5]}, "threshold"),
-        "JSON nested 100,000 deep": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-        "JSON object nested deep": (b'{"image": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001, "nested too deeply"),
-    }
+    return bad_requests(jpeg, _slide())
 
 
 BAD_NAMES = list(_bad_inputs(_encode(_slide(), "JPEG")))
@@ -691,3 +620,56 @@ def test_cli_help_explains_and_bundle_defaults_to_the_env_then_the_starter(monke
     assert default_bundle_dir() == Path("/models/current")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["annotate", "x.jpg", "--out", "o", "--threshold", "2"])
+
+
+# --- decode memory and response size bounds (issue 13) -------------------------------------------------
+
+def test_decode_memory_is_estimated_per_byte_and_high_bit_images_convert_as_before() -> None:
+    from wbc_core.data.images import decode_memory_bytes, pil_to_rgb8
+
+    assert decode_memory_bytes("PNG", "RGB", 4032, 3024) == 4032 * 3024 * 7  # PIL's RGB (4) + numpy's (3)
+    assert decode_memory_bytes("PNG", "I;16", 100, 100) == 100 * 100 * (2 + 2 + 3)
+    assert decode_memory_bytes("TIFF", "F", 100, 100) > decode_memory_bytes("PNG", "L", 100, 100)
+    # JPEGs are decoded reduced: a 4032x3024 photo at the function's 1008 px costs 1/16 of the full decode
+    assert decode_memory_bytes("JPEG", "RGB", 4032, 3024, 1008) * 16 == decode_memory_bytes("JPEG", "RGB", 4032, 3024)
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (1500, 2000), dtype=np.uint16)  # many row chunks
+    got = pil_to_rgb8(Image.fromarray(grey16))
+    want = np.clip(grey16.astype(np.float64) * (255.0 / 65535.0) + 0.5, 0, 255).astype(np.uint8)
+    assert got.shape == (1500, 2000, 3) and np.array_equal(got[..., 0], want) and np.array_equal(got[..., 2], want)
+    floats = rng.random((300, 200)).astype(np.float32)
+    floats[0, 0] = np.nan
+    got = pil_to_rgb8(Image.fromarray(floats))
+    assert got[0, 0, 0] == 0 and got[1, 1, 0] == int(np.clip(floats[1, 1] * 255.0 + 0.5, 0, 255))
+
+
+def test_a_real_slide_size_png_is_within_the_decode_budget(ctx: Ctx) -> None:
+    from serverless.model_handler import MAX_DECODE_BYTES
+    from wbc_core.data.images import decode_memory_bytes
+
+    assert decode_memory_bytes("PNG", "RGB", 4032, 3024) < MAX_DECODE_BYTES / 4
+    assert decode_memory_bytes("PNG", "I;16", 4032, 3024) < MAX_DECODE_BYTES / 4
+    info = probe_image(png_header(4032, 3024, 16, 0))  # refused only for being cut off, when decoded
+    assert (info.width, info.height, info.mode) == (4032, 3024, "I;16")
+
+
+def test_a_response_over_the_byte_budget_returns_the_best_cells_and_says_so(ctx: Ctx, model: ModelHandler,
+                                                                            jpeg: bytes,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    full = _ok(ctx, _payload(jpeg, threshold=LOW))
+    assert len(full) >= 6
+    sizes = [len(json.dumps(item)) for item in full]
+    budget = sum(sizes[:3]) + 100  # room for about three cells
+    model.max_response_bytes = budget
+    try:
+        with caplog.at_level("WARNING"):
+            response = _call(ctx, _payload(jpeg, threshold=LOW))
+    finally:
+        from wbc_core.contract import MAX_RESPONSE_BYTES
+
+        model.max_response_bytes = MAX_RESPONSE_BYTES
+    assert response.status_code == 200
+    kept = json.loads(response.body)
+    assert 1 <= len(kept) < len(full) and len(response.body.encode()) <= budget
+    assert [k["confidence"] for k in kept] == [f["confidence"] for f in full[:len(kept)]]  # the best ones
+    assert "response budget" in caplog.text and f"{len(full) - len(kept)} lowest-scoring left out" in caplog.text

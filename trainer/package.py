@@ -36,9 +36,13 @@ def weights_mb(directory: Path) -> float:
 
 
 def package_bundle(src: str | Path, dst: str | Path, half: bool = True, provenance: dict[str, Any] | None = None,
-                   max_mb: float | None = None) -> Path:
+                   max_mb: float | None = None, rbc_px: float | None = None, threshold: float | None = None) -> Path:
     """Copy the bundle ``src`` to ``dst`` (replaced as a whole), segmenter weights in float16 when ``half``,
-    ``provenance`` merged into its provenance. Refuses (``BundleError``) when the weights exceed ``max_mb``."""
+    ``provenance`` merged into its provenance. Refuses (``BundleError``) when the weights exceed ``max_mb``.
+
+    Serving settings (the weights untouched; each change is recorded in the provenance's ``serving``): ``rbc_px``,
+    the red-cell diameter the input is scaled to (red-cell scale mode only), and ``threshold``, the default score
+    threshold (``benchmarks/serving_sweep.py`` chooses both on validation splits)."""
     import torch
     import yaml
 
@@ -64,6 +68,23 @@ def package_bundle(src: str | Path, dst: str | Path, half: bool = True, provenan
             meta["classifier"]["sha256"] = sha256_file(cls_file)
             meta["classifier"]["dtype"] = "float16" if half else "float32"
         meta["provenance"] = {**(meta.get("provenance") or {}), **(provenance or {})}
+        serving = {}
+        if rbc_px is not None:
+            scale = (meta.get("preprocessing") or {}).get("scale") or {}
+            if scale.get("mode") != "rbc":
+                raise BundleError(f"{src}: --rbc-px needs a bundle in the red-cell scale mode "
+                                  "(preprocessing.scale.mode: rbc)")
+            if not 8 <= rbc_px <= 256:
+                raise BundleError(f"--rbc-px {rbc_px:g}: give a red-cell diameter between 8 and 256 px")
+            serving["rbc_px"] = {"from": scale.get("rbc_px"), "to": float(rbc_px)}
+            scale["rbc_px"] = float(rbc_px)
+        if threshold is not None:
+            if not 0 < threshold <= 1:
+                raise BundleError(f"--threshold {threshold:g}: give a score threshold in (0, 1]")
+            serving["score_threshold"] = {"from": meta.get("score_threshold"), "to": float(threshold)}
+            meta["score_threshold"] = float(threshold)
+        if serving:
+            meta["provenance"]["serving"] = {**(meta["provenance"].get("serving") or {}), **serving}
         atomic_write_bytes(staging / BUNDLE_FILE, yaml.safe_dump(meta, sort_keys=False).encode())
         size = weights_mb(staging)
         if max_mb is not None and size > max_mb:
@@ -97,9 +118,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--half", action=argparse.BooleanOptionalAction, default=True,
                    help="store the segmenter in float16 (default: yes; --no-half keeps float32)")
     p.add_argument("--max-mb", type=float, default=None, help="refuse when the weights exceed this many MB")
+    p.add_argument("--rbc-px", type=float, default=None,
+                   help="serve with red cells this many px across at the input (red-cell scale mode; see "
+                        "benchmarks/serving_sweep.py, which chooses it on validation splits)")
+    p.add_argument("--threshold", type=float, default=None, help="the bundle's default score threshold, in (0, 1]")
 
 
 def run(args: argparse.Namespace) -> int:
-    dst = package_bundle(args.src, args.dst, half=args.half, max_mb=args.max_mb)
+    dst = package_bundle(args.src, args.dst, half=args.half, max_mb=args.max_mb, rbc_px=args.rbc_px,
+                         threshold=args.threshold)
     print(f"packaged bundle: {dst} ({weights_mb(dst):.1f} MB of weights)")
     return 0

@@ -12,7 +12,8 @@ derives from them:
   return a label the spec lacks is refused, instead of serving results CVAT would drop);
 - the attributes every detected cell carries (:func:`segmenter_attributes`, and the classifier's merge).
 
-The ``detect`` contract's cap lives here too: :data:`DEFAULT_MAX_CELLS` (cells per frame).
+The ``detect`` contract's cap lives here too: :data:`DEFAULT_MAX_CELLS` (cells per frame), and the response's:
+:data:`MAX_RESPONSE_BYTES`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ SHAPE_TYPE = "mask"
 #: Cells returned per frame at most (a bundle may set ``max_cells``); the lowest-scoring ones are dropped
 #: first and the cut is logged. RV-PBS has about 1.1 WBC per photo; 100 is far above any real smear field.
 DEFAULT_MAX_CELLS = 100
+#: Largest response body (bytes) a frame's cells are serialised into; cells past it (the lowest-scoring) are
+#: dropped and the cut logged. CVAT's mask format costs 4 bytes per pixel of each cell's box, so cells that do
+#: not overlap fit in 4 bytes x the frame's pixels: 49 MB for a 12.2 MP slide. Only many overlapping outlines
+#: (a broken or hostile model) reach this.
+MAX_RESPONSE_BYTES = 64 * 2**20
 #: Whose label a cell has.
 DECIDED_BY = ("agree", "classifier", "segmenter")
 

@@ -56,6 +56,23 @@ def detection_to_cvat_json(detection: Detection, declared: Iterable[str] | None 
     return "[" + ", ".join(cell_to_cvat_json(cell, declared) for cell in detection.cells) + "]"
 
 
+def detection_to_cvat_json_within(detection: Detection, max_bytes: int, declared: Iterable[str] | None = None
+                                  ) -> tuple[str, int]:
+    """:func:`detection_to_cvat_json` holding at most ``max_bytes`` (UTF-8): the cells in order (highest score
+    first) while they fit. Returns ``(body, cells left out)``; the caller says so (never silent)."""
+    declared = None if declared is None else frozenset(declared)
+    items: list[str] = []
+    size = 2  # the brackets
+    for n, cell in enumerate(detection.cells):
+        item = cell_to_cvat_json(cell, declared)
+        grow = len(item.encode()) + (2 if items else 0)
+        if size + grow > max_bytes:
+            return "[" + ", ".join(items) + "]", len(detection.cells) - n
+        items.append(item)
+        size += grow
+    return "[" + ", ".join(items) + "]", 0
+
+
 def detection_to_cvat_results(detection: Detection, declared: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """:func:`detection_to_cvat_json` as Python objects."""
     return json.loads(detection_to_cvat_json(detection, declared))

@@ -35,7 +35,7 @@ from wbc_core.bundle import Bundle, load_bundle
 from wbc_core.data.images import ImageReadError, decode_jpeg_torch, decode_rgb, read_rgb, resize_to, target_scale
 from wbc_core.data.masks import mask_to_polygon
 from wbc_core.data.types import Instance
-from wbc_core.model import optimize_for_inference
+from wbc_core.model import fuse_backbone_body, optimize_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +146,15 @@ def paste_mask(prob: np.ndarray, box: np.ndarray, width: int, height: int, thres
 class Predictor:
     """Loads a bundle once; :meth:`detect` is thread-compatible but not re-entrant (one model)."""
 
-    def __init__(self, bundle: Bundle | str | Path, device: str | None = None, cross_class_nms: float | None = 0.5
-                 ) -> None:
+    def __init__(self, bundle: Bundle | str | Path, device: str | None = None, cross_class_nms: float | None = 0.5,
+                 fuse: bool | None = None) -> None:
         """``cross_class_nms``: Mask R-CNN suppresses overlaps only within a class, so one cell can come back
         once per plausible class; boxes overlapping a better-scoring one by more than this IoU are dropped,
-        so each cell reaches CVAT once, with its best label. None keeps torchvision's behaviour."""
+        so each cell reaches CVAT once, with its best label. None keeps torchvision's behaviour.
+
+        ``fuse``: run the backbone body as a oneDNN-fused graph (:class:`wbc_core.model.FusedBody`). None
+        (default): on a CPU with the fixed input size, where frames of one camera share one input shape; with
+        red-cell scaling every frame has its own input size, which the fused graph would recompile for."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = optimize_for_inference(self.bundle.build_segmenter().to(self.device))
@@ -166,6 +170,9 @@ class Predictor:
         self.decode_side = int(self.scale.get("max_side", self.max_size)) if self.scale.get("mode") == "rbc" \
             else self.max_size
         self.cross_class_nms = cross_class_nms
+        if fuse is None:
+            fuse = self.device.type == "cpu" and self.scale.get("mode", "fixed") == "fixed"
+        self.fused = fuse and fuse_backbone_body(self.model, self.min_size, self.max_size)
         self._gpu_decode = True  # JPEGs decoded by nvJPEG when the model runs on a GPU
         self.classifier = None  # the bundle's optional crop classifier refines each cell's label
         if self.bundle.classifier is not None:

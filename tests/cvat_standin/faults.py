@@ -18,15 +18,23 @@ Kinds:
   only ``fraction`` of it, then close.
 - ``"export_fail"``: an export request created by a matching request (route kind ``export``) ends ``failed``
   with ``message`` when polled to completion.
+- ``"tamper"`` (a hostile server): the request is handled normally, then ``transform`` rewrites the response
+  body: a JSON body is decoded and ``transform(data)`` returns what to send instead (e.g. a job with
+  ``stop_frame`` 1e10); any other body (frames, export zips) is given as bytes and ``transform(body)`` returns
+  bytes (e.g. a zip bomb from :mod:`tests.cvat_standin.hostile`). Every firing tamper applies, in the order
+  they were added, and combines with the other kinds (not with ``status``/``throttle``/``reset``, which replace
+  the answer). The request log shows ``fault="tamper"`` when only a tamper fired.
 """
 
 from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-FAULT_KINDS = ("status", "throttle", "delay", "reset", "drop", "truncate", "export_fail")
+FAULT_KINDS = ("status", "throttle", "delay", "reset", "drop", "truncate", "export_fail", "tamper")
 ROUTE_KINDS = ("server", "auth", "user", "list", "detail", "meta", "frame", "annotations", "export", "request",
                "download", "update", "unknown")
 
@@ -44,6 +52,7 @@ class Fault:
     delay: float = 0.5
     fraction: float = 0.5
     message: str = "OSError: [Errno 28] No space left on device (stand-in fault)"
+    transform: Callable[[Any], Any] | None = field(default=None, repr=False)
     fired: int = 0
     seen: int = 0
     rng: random.Random = field(default_factory=random.Random, repr=False)
@@ -60,6 +69,8 @@ class Fault:
             raise ValueError(f"rate must be in [0, 1], got {self.rate}")
         if not 0.0 <= self.fraction < 1.0:
             raise ValueError(f"fraction must be in [0, 1), got {self.fraction}")
+        if (self.kind == "tamper") != (self.transform is not None):
+            raise ValueError("a 'tamper' fault needs transform=..., and only a tamper takes one")
 
     def matches(self, route: str, method: str, path: str) -> bool:
         if "any" not in self.route and route not in self.route:
@@ -103,6 +114,16 @@ class FaultSet:
         with self._lock:
             return list(self._faults)
 
+    def tampers(self, route: str, method: str, path: str) -> list[Fault]:
+        """The ``tamper`` faults that fire for this request (all of them, in the order they were added)."""
+        fired: list[Fault] = []
+        with self._lock:
+            for fault in self._faults:
+                if fault.kind == "tamper" and not fault.exhausted and fault.matches(route, method, path) \
+                        and _fires(fault):
+                    fired.append(fault)
+        return fired
+
     def pick(self, route: str, method: str, path: str, kinds: tuple[str, ...]) -> list[Fault]:
         """The faults (of ``kinds``) that fire for this request: all firing delays, then at most one other."""
         fired: list[Fault] = []
@@ -112,8 +133,15 @@ class FaultSet:
                     continue
                 if fault.kind != "delay" and any(f.kind != "delay" for f in fired):
                     continue
-                fault.seen += 1
-                if fault.rate >= 1.0 or fault.rng.random() < fault.rate:
-                    fault.fired += 1
+                if _fires(fault):
                     fired.append(fault)
         return fired
+
+
+def _fires(fault: Fault) -> bool:
+    """Count one matching request for ``fault``; True when it fires this time (its ``rate``)."""
+    fault.seen += 1
+    if fault.rate >= 1.0 or fault.rng.random() < fault.rate:
+        fault.fired += 1
+        return True
+    return False

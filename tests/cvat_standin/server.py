@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from tests.cvat_standin.api import Api, Ctx, HttpError, Resp, json_resp, text_resp
+from tests.cvat_standin.api import JSON_CT, Api, Ctx, HttpError, Resp, json_resp, text_resp
 from tests.cvat_standin.faults import Fault, FaultSet
 from tests.cvat_standin.state import CvatState
 
@@ -64,6 +66,18 @@ def fault_response(fault: Fault) -> Resp:
     return resp
 
 
+def tamper_response(fault: Fault, resp: Resp) -> Resp:
+    """A ``tamper`` fault's rewrite of a response (see :mod:`tests.cvat_standin.faults`): a JSON body goes through
+    ``transform`` decoded and is sent re-encoded as the stand-in writes JSON; any other body as bytes."""
+    assert fault.transform is not None
+    if resp.content_type == JSON_CT and resp.body:
+        data = fault.transform(json.loads(resp.body))
+        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    else:
+        body = bytes(fault.transform(resp.body))
+    return dataclasses.replace(resp, body=body)
+
+
 def throttle_response(fault: Fault) -> Resp:
     wait = int(fault.retry_after)
     unit = "second" if wait == 1 else "seconds"
@@ -92,6 +106,14 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], cvat: StandinCVAT) -> None:
         self.cvat = cvat
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up (e.g. one refusing an oversized body) is routine for a server: logged at debug
+        level, not printed as a traceback (other errors still are)."""
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            log.debug("stand-in: %s closed the connection", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 class StandinCVAT(CvatState):
@@ -202,10 +224,11 @@ class StandinCVAT(CvatState):
                 fault = fired
         host = h.headers.get("Host") or f"{self.host}:{self.port}"
         ctx = Ctx(method=method, path=path, query=query, headers=h.headers, body=body, base=f"http://{host}")
+        tampered = False
 
         def record(status: int, sent: int, gz: bool) -> LogEntry:
             entry = LogEntry(method=method, path=path, query=raw_query, status=status, kind=route.kind, bytes=sent,
-                             fault=fault.kind if fault else "delay" if delayed else None,
+                             fault=fault.kind if fault else "tamper" if tampered else "delay" if delayed else None,
                              user=ctx.user.username if ctx.user else None,
                              seconds=time.perf_counter() - started, gzip=gz)
             with self._log_lock:
@@ -228,6 +251,9 @@ class StandinCVAT(CvatState):
             except Exception:
                 log.exception("stand-in: %s %s failed", method, h.path)
                 resp = fault_response(Fault(kind="status", status=500))
+            for tamper in self.faults.tampers(route.kind, method, path):
+                resp = tamper_response(tamper, resp)
+                tampered = True
         resp, gz = self._gzip(h, resp)
         cut = fault if fault is not None and fault.kind in ("drop", "truncate") else None
         head = method == "HEAD"

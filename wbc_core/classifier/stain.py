@@ -76,9 +76,9 @@ def frame_stats(image: np.ndarray, method: str | None = None) -> dict[str, np.nd
     small = _small(image)
     out: dict[str, np.ndarray] = {}
     if method in (None, "reinhard"):
-        lab = _lab(small).reshape(-1, 3)
-        out["lab_mean"] = lab.mean(axis=0).astype(np.float32)
-        out["lab_std"] = lab.std(axis=0).clip(1e-3).astype(np.float32)
+        mean, std = cv2.meanStdDev(_lab(small))  # numpy's mean/std (ddof 0), several times faster
+        out["lab_mean"] = mean.ravel().astype(np.float32)
+        out["lab_std"] = std.ravel().clip(1e-3).astype(np.float32)
     if method in (None, "macenko"):
         out["he"], out["max_c"], out["io"] = _macenko_stats(small)
     return out

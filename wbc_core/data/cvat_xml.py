@@ -65,16 +65,53 @@ def open_zip(path: Path) -> zipfile.ZipFile:
                            "truncated, export the task from CVAT again") from exc
 
 
-def extract_zip(path: Path, dest: Path | None = None) -> Path:
-    """Extract an export zip into ``dest`` (default: a new temporary folder) and return that folder."""
+#: What an export zip may extract to at most (bytes), and how much larger than its compressed size: a real
+#: export of JPEG frames barely compresses; a zip bomb is a small file that inflates to gigabytes.
+MAX_EXTRACT_BYTES = 8 * 2**30
+MAX_EXTRACT_RATIO = 200
+
+
+def extract_zip(path: Path, dest: Path | None = None, max_bytes: int = MAX_EXTRACT_BYTES,
+                max_ratio: float = MAX_EXTRACT_RATIO) -> Path:
+    """Extract an export zip into ``dest`` (default: a new temporary folder) and return that folder.
+
+    Refused (:class:`DatasetError`, nothing left extracted) when its members declare more than ``max_bytes``, or
+    more than 64 MiB and ``max_ratio`` times the archive's size; the sizes are enforced while inflating too,
+    since a zip can lie about them. Member names are made relative (no absolute paths, no ``..``)."""
     out = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="wbc-export-"))
-    out.mkdir(parents=True, exist_ok=True)
-    with open_zip(path) as zf:
-        try:
-            zf.extractall(out)  # zipfile strips absolute paths and '..' components
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise DatasetError(f"{path}: cannot extract the archive ({exc}); the download is probably "
-                               "corrupt, export the task from CVAT again") from exc
+    archive = max(path.stat().st_size, 1) if path.is_file() else 1
+    written: list[Path] = []
+    try:
+        with open_zip(path) as zf:
+            members = [i for i in zf.infolist() if not i.is_dir()]
+            declared = sum(i.file_size for i in members)
+            if declared > max_bytes or (declared > 64 * 2**20 and declared > archive * max_ratio):
+                raise DatasetError(f"{path}: the archive would extract to {declared / 2**20:.0f} MB from "
+                                   f"{archive / 2**20:.1f} MB (limits: {max_bytes / 2**20:.0f} MB, {max_ratio:g}x); "
+                                   "refused as a zip bomb")
+            out.mkdir(parents=True, exist_ok=True)
+            total = 0
+            for info in members:
+                parts = [p for p in info.filename.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+                if not parts or ":" in parts[0]:
+                    continue
+                target = out.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written.append(target)
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        total += len(chunk)
+                        if total > declared or total > max_bytes:
+                            raise DatasetError(f"{path}: the archive inflates past the sizes it declares "
+                                               "(zip bomb?); refused")
+                        dst.write(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, DatasetError) as exc:
+        for f in written:
+            f.unlink(missing_ok=True)
+        if isinstance(exc, DatasetError):
+            raise
+        raise DatasetError(f"{path}: cannot extract the archive ({exc}); the download is probably "
+                           "corrupt, export the task from CVAT again") from exc
     log.debug("extracted %s into %s", path, out)
     return out
 
@@ -124,6 +161,14 @@ def image_dirs(base: Path, images_dir: Path | None) -> list[Path]:
 
 
 def find_image(name: str, dirs: list[Path], subset: str | None = None) -> Path | None:
+    """The file of frame ``name`` in one of ``dirs`` (under ``subset`` first), or None. A name that would lead
+    outside those folders (absolute, ``..``, a NUL) is never looked up (None, with a warning): an export names
+    its frames, it never points at other files of the machine reading it."""
+    parts = name.replace("\\", "/").split("/")
+    if "\0" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        log.warning("frame name %r points outside the dataset folder; not looked up (its image counts as "
+                    "missing)", name)
+        return None
     for folder in dirs:
         candidates = [folder / subset / name] if subset else []
         candidates.append(folder / name)

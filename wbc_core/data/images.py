@@ -51,6 +51,54 @@ def read_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[np.nda
     return decode_rgb(data.tobytes(), min_long_side, name=str(path))
 
 
+def jpeg_draft_factor(width: int, height: int, min_long_side: int | None) -> int:
+    """The DCT-domain reduction (1, 2, 4 or 8) a JPEG of ``width`` x ``height`` is decoded at: the largest whose
+    long side is still ``>= min_long_side`` (1 when None)."""
+    if min_long_side is None:
+        return 1
+    return next((f for f in (8, 4, 2) if max(width, height) // f >= min_long_side), 1)
+
+
+def oriented(img: Image.Image) -> Image.Image:
+    """``img`` with its EXIF orientation applied: a transposed copy when the orientation asks for one, else
+    ``img`` itself (``ImageOps.exif_transpose`` copies the whole image even then)."""
+    try:
+        orientation = int(img.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block: nothing to apply (exif_transpose ignores it as well)
+        return img
+    return img if orientation in (0, 1) else ImageOps.exif_transpose(img)
+
+
+#: Bytes a pixel takes in PIL's decoded image, by mode (8-bit multi-band modes are stored 4 bytes a pixel).
+_PIL_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+#: Greyscale modes of more than 8 bits, scaled to 8-bit grey by :func:`pil_to_rgb8`.
+HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+def decode_memory_bytes(fmt: str, mode: str, width: int, height: int, min_long_side: int | None = None) -> int:
+    """Peak bytes that decoding an image (PIL ``fmt``/``mode``, ``width`` x ``height`` as stored) to RGB uint8
+    takes here: PIL's decoded image plus what :func:`pil_to_rgb8` converts it through and returns. JPEGs are
+    decoded reduced (:func:`jpeg_draft_factor`), every other format in full.
+
+    Per pixel: the decoded image (1-4 bytes by mode), then 8-bit RGB (3 bytes) through, for 16-bit and float
+    greys, numpy's copy of the pixels, and for other non-RGB modes PIL's RGB (4; palette/alpha images also RGBA, 4).
+    """
+    pixels = width * height
+    if fmt in JPEG_FORMATS:
+        f = jpeg_draft_factor(width, height, min_long_side)
+        pixels = -(-width // f) * -(-height // f)
+    native = _PIL_PIXEL_BYTES.get(mode, 4)
+    if mode == "RGB":
+        extra = 3
+    elif mode in HIGH_BIT_MODES:
+        extra = native + 3  # numpy's copy of the pixels, then RGB
+    elif mode in ("P", "PA", "LA"):
+        extra = 4 + 4
+    else:
+        extra = 4 + 3
+    return pixels * (native + extra)
+
+
 def decode_rgb(data: bytes, min_long_side: int | None = None, name: str = "image") -> tuple[np.ndarray, float]:
     """Decode image bytes (:data:`FORMATS_TEXT`) to RGB uint8; see :func:`read_rgb`.
 
@@ -71,13 +119,11 @@ def _decode_jpeg(data: bytes, min_long_side: int | None, name: str) -> tuple[np.
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            factor = 1
-            if min_long_side is not None:
-                factor = next((f for f in (8, 4, 2) if max(width, height) // f >= min_long_side), 1)
+            factor = jpeg_draft_factor(width, height, min_long_side)
             if factor > 1:
                 img.draft("RGB", (-(-width // factor), -(-height // factor)))
             img.load()
-            out = ImageOps.exif_transpose(img)
+            out = oriented(img)
             if out.mode != "RGB":
                 out = out.convert("RGB")
             rgb = np.array(out)  # a writable copy (PIL's buffer is read-only)
@@ -171,14 +217,18 @@ def decode_jpeg_torch(data: bytes, min_long_side: int | None, device: str | torc
 def pil_to_rgb8(img: Image.Image) -> np.ndarray:
     """Any PIL image as 8-bit RGB (H, W, 3); 16/32-bit and float greys are scaled, not clipped; palette and
     alpha images are flattened. EXIF orientation is not applied here (callers do, with ImageOps)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode in HIGH_BIT_MODES:
         arr = np.asarray(img)
         if arr.dtype.kind == "f":
             top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 65535.0
         else:
             top = 65535.0 if img.mode.startswith("I;16") or int(arr.max(initial=0)) > 255 else 255.0
-        grey = np.clip(np.nan_to_num(arr.astype(np.float64)) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+        rgb = np.empty((*arr.shape[:2], 3), np.uint8)
+        step = max(1, (1 << 20) // max(arr.shape[1], 1))  # ~1 M pixels of float64 at a time, not the whole frame
+        for y in range(0, arr.shape[0], step):
+            rows = np.nan_to_num(arr[y:y + step].astype(np.float64))
+            rgb[y:y + step] = np.clip(rows * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)[:, :, None]
+        return rgb
     if img.mode != "RGB":
         img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA", "LA") else img.convert("RGB")
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
