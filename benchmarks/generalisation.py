@@ -305,6 +305,15 @@ def update(args: argparse.Namespace, shown: list[str]) -> int:
         log.info("loso %s: %s", name, result["loso"][name])
     for f in args.few_shot:
         result["few_shot"].update(json.loads(f.read_text()).get("few_shot") or {})
+    if args.classifier:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result["classifier_stain_sweep"] = classifier_sweep(Predictor(args.bundle), args.data_root, STAINS)
+        from wbc_core.bundle import load_bundle
+
+        classifier = load_bundle(args.bundle).classifier or {}
+        result["bundle"]["classifier_provenance"] = (classifier.get("config") or {}).get("provenance")
     result["met"] = judge(result)
     result.setdefault("updates", []).append({"command": "python benchmarks/generalisation.py " + shlex.join(shown),
                                              "git_sha": git_sha()})
@@ -396,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--update", action="store_true",
                    help="add --loso rows and --few-shot results to OUT/generalisation.json (nothing else re-run)")
+    p.add_argument("--classifier", action="store_true",
+                   help="with --update: re-run the crop classifier's stain sweep on --bundle (after its classifier "
+                        "changed), nothing else")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     shown = [a if not a.startswith(str(REPO)) else str(Path(a).relative_to(REPO)) for a in (argv or sys.argv[1:])]

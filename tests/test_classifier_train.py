@@ -178,3 +178,19 @@ def test_model_sizes() -> None:
     model = CellNet(5, NetConfig(width=32))
     assert sum(p.numel() for p in model.parameters()) < 1_500_000
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_pale_augmentation_fades_mid_tones_and_keeps_the_background_and_nucleus() -> None:
+    from trainer.classifier.augment import _pale
+
+    x = torch.full((2, 3, 32, 32), 0.9)            # background
+    x[:, :, 8:24, 8:24] = torch.tensor([0.8, 0.5, 0.7])[:, None, None]   # cytoplasm: a mid-tone
+    x[:, :, 13:19, 13:19] = 0.1                    # nucleus: the darkest (3.5% of the pixels)
+    out = _pale(x, torch.tensor([0.0, 0.8]))
+    assert torch.allclose(out[0], x[0])            # strength 0: unchanged
+    bg, cyto, nucleus = (0, 0), (10, 10), (15, 15)
+    assert torch.allclose(out[1, :, bg[0], bg[1]], x[1, :, bg[0], bg[1]])
+    assert torch.allclose(out[1, :, nucleus[0], nucleus[1]], x[1, :, nucleus[0], nucleus[1]])
+    moved = (out[1, :, cyto[0], cyto[1]] - x[1, :, cyto[0], cyto[1]]).abs().sum()
+    towards_bg = (out[1, :, cyto[0], cyto[1]] - 0.9).abs().sum() < (x[1, :, cyto[0], cyto[1]] - 0.9).abs().sum()
+    assert moved > 0.05 and towards_bg

@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the bundle for shipping to DIR (e.g. models/starter): fp16 segmenter, "
                         "licences in the provenance, at most --max-mb; needs --ship")
     p.add_argument("--max-mb", type=float, default=25.0, help="size limit of the packaged weights (default 25)")
+    p.add_argument("--serve-rbc-px", type=float, metavar="PX",
+                   help="package it to be served with red cells PX across (chosen on val splits by "
+                        "benchmarks/serving_sweep.py; the shipped starter: 72)")
+    p.add_argument("--serve-threshold", type=float, metavar="T",
+                   help="package it with this default score threshold (the shipped starter: 0.9)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -130,9 +135,12 @@ def run(args: argparse.Namespace) -> int:
             licences.append({"set": f"classifier source {classifier.source}", "licence": classifier.licence,
                              "attribution": classifier.attribution})
         command = ("python -m trainer train-starter --data-root DATA --out OUT --ship --package "
-                   f"{args.package}" + (f" --max-minutes {args.max_minutes:g}" if args.max_minutes else ""))
+                   f"{args.package}" + (f" --max-minutes {args.max_minutes:g}" if args.max_minutes else "")
+                   + (f" --serve-rbc-px {args.serve_rbc_px:g}" if args.serve_rbc_px else "")
+                   + (f" --serve-threshold {args.serve_threshold:g}" if args.serve_threshold else ""))
         package_bundle(bundle, args.package, half=True, max_mb=args.max_mb,
-                       provenance={"licences": licences, "reproduce": command, "packaged_from": str(bundle)})
+                       provenance={"licences": licences, "reproduce": command, "packaged_from": str(bundle)},
+                       rbc_px=args.serve_rbc_px, threshold=args.serve_threshold)
         print(f"packaged for shipping: {args.package}")
     return 0
 

@@ -1,7 +1,7 @@
 """Batch augmentation on the CPU, in torch: geometry (any rotation, flips, scale, shift), colour and focus.
 
 Cells have no orientation, so every rotation and flip is fair; colour (brightness, contrast, saturation,
-hue, per-channel gain) and focus (Gaussian blur) jitter make the network rely less on the stain and the
+hue, per-channel gain, a paler stain) and focus (Gaussian blur) jitter make the network rely less on the stain and the
 camera, which differ between domains (sharp CellaVision crops vs blurry phone or webcam photos).
 """
 
@@ -27,6 +27,9 @@ class AugmentConfig:
     saturation: float = 0.3
     hue: float = 0.05                     # +- fraction of a turn
     channel_gain: float = 0.08            # +- per RGB channel
+    # up to this strength, mid-tones move towards the background (a paler stain). Off by default: with pale 0.6,
+    # saturation 0.5 and contrast 0.3, PBC -> BCCD source-only + Reinhard fell from 0.789 to 0.695 macro-F1
+    pale: float = 0.0
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.3, 1.6)   # px at the crop size
     noise: float = 0.02                   # Gaussian noise std (0-1 intensity scale)
@@ -56,6 +59,21 @@ def _rgb_to_hsv_jitter(x: torch.Tensor, sat: torch.Tensor, hue: torch.Tensor) ->
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
     mat = from_yiq @ rot @ to_yiq                       # (N, 3, 3)
     return torch.einsum("nij,njhw->nihw", mat, x)
+
+
+def _pale(x: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """A paler stain: each pixel moves towards the crop's background colour (its brightest tenth) by ``strength``
+    x 4t(1-t), t its darkness between the 2nd and 90th percentile of brightness: mid-tones (cytoplasm, red cells)
+    fade the most, the darkest nucleus and the background stay."""
+    n = x.shape[0]
+    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).reshape(n, -1)
+    lo = torch.quantile(grey, 0.02, dim=1, keepdim=True)
+    hi = torch.quantile(grey, 0.90, dim=1, keepdim=True)
+    bright = (grey >= hi).float()                                          # (N, P)
+    bg = (x.reshape(n, 3, -1) * bright[:, None]).sum(-1) / bright.sum(-1, keepdim=True).clamp_min(1)  # (N, 3)
+    t = ((hi - grey) / (hi - lo).clamp_min(1e-3)).clamp(0, 1)
+    w = (strength[:, None] * 4 * t * (1 - t)).reshape(n, 1, *x.shape[2:])
+    return x + w * (bg[:, :, None, None] - x)
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
@@ -103,6 +121,8 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     x = (x - mean) * u(1 - cfg.contrast, 1 + cfg.contrast).view(n, 1, 1, 1) + mean
     x = _rgb_to_hsv_jitter(x, u(1 - cfg.saturation, 1 + cfg.saturation), u(-cfg.hue, cfg.hue))
     x = x * u(1 - cfg.channel_gain, 1 + cfg.channel_gain, 3 * n).view(n, 3, 1, 1)
+    if cfg.pale > 0:
+        x = _pale(x, u(0, cfg.pale))
     # focus and noise
     x = _blur(x, u(*cfg.blur_sigma), torch.rand(n, generator=gen) < cfg.blur_prob)
     if cfg.noise > 0:
