@@ -1,0 +1,113 @@
+"""How unsure the pipeline is about a frame, from what ``detect`` already computes (issue 14's candidate signals).
+
+Active learning asks the expert to correct first the frames the model would learn most from. These signals
+are cheap, per frame, and come from the ``detect`` contract's output (plus, optionally, one more ``detect`` on
+the mirrored frame):
+
+- ``near_threshold``: cells kept with a score within ``margin`` above the threshold, plus one when the best
+  rejected candidate scored within ``margin`` below it (a cell the expert may have to add);
+- ``disagreement``: cells whose label the classifier overrode (``decided_by=classifier``);
+- ``low_classifier_confidence``: cells whose classifier probability is under 0.5;
+- ``flip_unmatched``: cells of the frame and of its mirror image that find no partner in the other (box IoU
+  < 0.5): an unstable count or outline.
+
+Which of them predict the expert's edits is measured by ``benchmarks/correction_effort.py``; :func:`rank` orders
+frames by a weighted sum of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from wbc_core.detect import Detection, Predictor
+
+SIGNALS = ("near_threshold", "disagreement", "low_classifier_confidence", "flip_unmatched")
+
+
+@dataclass
+class FrameUncertainty:
+    cells: int = 0
+    near_threshold: int = 0
+    disagreement: int = 0
+    low_classifier_confidence: int = 0
+    flip_unmatched: int | None = None   # None when the mirror pass was not run
+
+    def score(self, weights: Mapping[str, float] | None = None) -> float:
+        """Weighted sum of the signals (default: each 1)."""
+        weights = weights or {}
+        return float(sum(weights.get(name, 1.0) * (getattr(self, name) or 0) for name in SIGNALS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def unmatched(boxes: np.ndarray, other: np.ndarray, min_iou: float = 0.5) -> int:
+    """Boxes of either list with no partner (IoU >= ``min_iou``, one-to-one, best pairs first) in the other."""
+    iou = _box_iou(boxes, other)
+    pairs = 0
+    used_a, used_b = set(), set()
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        i, j = np.unravel_index(flat, iou.shape)
+        if iou[i, j] < min_iou:
+            break
+        if i in used_a or j in used_b:
+            continue
+        used_a.add(i)
+        used_b.add(j)
+        pairs += 1
+    return len(boxes) + len(other) - 2 * pairs
+
+
+def from_detection(detection: Detection, margin: float = 0.1) -> FrameUncertainty:
+    """The signals one ``detect`` result carries (no mirror pass)."""
+    thr = detection.threshold
+    out = FrameUncertainty(cells=len(detection.cells))
+    out.near_threshold = sum(1 for c in detection.cells if c.score < thr + margin)
+    if detection.best_below is not None and detection.best_below >= thr - margin:
+        out.near_threshold += 1
+    for cell in detection.cells:
+        if cell.attributes.get("decided_by") == "classifier":
+            out.disagreement += 1
+        prob = cell.attributes.get("classifier_score")
+        if prob is not None and float(prob) < 0.5:
+            out.low_classifier_confidence += 1
+    return out
+
+
+def frame_uncertainty(predictor: Predictor, image: np.ndarray, threshold: float | None = None,
+                      margin: float = 0.1, mirror: bool = True) -> tuple[Detection, FrameUncertainty]:
+    """``detect`` on ``image`` (RGB uint8, native resolution) and its signals; with ``mirror``, one more ``detect``
+    on the left-right mirror image, whose cells are compared with the frame's (``flip_unmatched``)."""
+    detection = predictor.detect(image, threshold)
+    signals = from_detection(detection, margin)
+    if mirror:
+        flipped = predictor.detect(np.ascontiguousarray(image[:, ::-1]), threshold)
+        w = image.shape[1]
+        boxes = np.array([c.box for c in detection.cells], float).reshape(-1, 4)
+        back = np.array([(w - c.box[2], c.box[1], w - c.box[0], c.box[3]) for c in flipped.cells],
+                        float).reshape(-1, 4)
+        signals.flip_unmatched = unmatched(boxes, back)
+    return detection, signals
+
+
+def rank(signals: Sequence[tuple[str, FrameUncertainty]], weights: Mapping[str, float] | None = None
+         ) -> list[tuple[str, float]]:
+    """Frames (name, signals) ordered most uncertain first; ties keep the given order."""
+    scored = [(name, s.score(weights)) for name, s in signals]
+    return sorted(scored, key=lambda item: -item[1])
