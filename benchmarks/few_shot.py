@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     result["git_sha"] = git_sha()
     result["command"] = "python benchmarks/few_shot.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"few_shot": {args.set: result}}, indent=1))
+    args.out.write_text(json.dumps({"few_shot": {args.set: result}, "command": result["command"]}, indent=1))
     print(json.dumps({k: result[k] for k in ("starter_as_is", "starter", "scratch")}, indent=1))
     return 0
 

@@ -59,6 +59,7 @@ from wbc_core.data.images import read_rgb  # noqa: E402
 from wbc_core.data.masks import coco_rle_encode  # noqa: E402
 from wbc_core.data.types import AnnotatedDataset  # noqa: E402
 from wbc_core.detect import Predictor  # noqa: E402
+from wbc_core.matching import box_iou  # noqa: E402
 
 log = logging.getLogger("generalisation")
 
@@ -127,23 +128,10 @@ STAINS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 # --- scoring ------------------------------------------------------------------------------------------------
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of boxes (N, 4) x (M, 4), x0 y0 x1 y1."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 def match(gt: np.ndarray, det: np.ndarray) -> tuple[int, int]:
     """(true positives, false positives) of score-sorted detections against ground-truth boxes, one-to-one at
     box IoU >= 0.5."""
-    iou = _box_iou(det, gt)
+    iou = box_iou(det, gt)
     used = np.zeros(len(gt), bool)
     tp = 0
     for i in range(len(det)):

@@ -12,7 +12,6 @@ from trainer.correction_effort import (
     FrameEdits,
     count_edits,
     instances_from_cvat_results,
-    match,
     total,
     vertices,
 )
@@ -20,6 +19,7 @@ from wbc_core.cvat_json import detection_to_cvat_results
 from wbc_core.data.masks import mask_to_polygon
 from wbc_core.data.types import Instance
 from wbc_core.detect import Cell, Detection
+from wbc_core.matching import greedy_pairs
 
 W, H = 640, 480
 
@@ -72,8 +72,8 @@ def test_the_redraw_bar_and_the_match_bar_are_configurable() -> None:
 
 def test_one_prediction_matches_one_cell_best_pairs_first() -> None:
     iou = np.array([[0.9, 0.6], [0.8, 0.1]])
-    assert match(iou, 0.5) == [(0, 0)]
-    assert match(np.zeros((0, 2)), 0.5) == []
+    assert greedy_pairs(iou, 0.5) == [(0, 0)]
+    assert greedy_pairs(np.zeros((0, 2)), 0.5) == []
 
 
 def test_masks_and_polygons_compare_alike() -> None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from wbc_core.data.masks import decode_cvat_function_mask, mask_to_polygon
 from wbc_core.data.types import Instance
+from wbc_core.matching import greedy_pairs
 
 #: Outline simplification (px) used to count the vertices of a drawn cell, as a careful annotator clicks.
 DRAW_TOLERANCE = 2.0
@@ -126,25 +127,6 @@ def iou_matrix(predicted: Sequence[Instance], truth: Sequence[Instance], height:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def match(iou: np.ndarray, min_iou: float) -> list[tuple[int, int]]:
-    """One-to-one (predicted, true) pairs with IoU >= ``min_iou``, best pairs first (greedy; with IoU >= 0.5 a
-    cell can overlap at most one other that much, so greedy is optimal there)."""
-    pairs = []
-    if iou.size == 0:
-        return pairs
-    order = np.dstack(np.unravel_index(np.argsort(-iou, axis=None, kind="stable"), iou.shape))[0]
-    used_p, used_t = set(), set()
-    for p, t in order:
-        if iou[p, t] < min_iou:
-            break
-        if p in used_p or t in used_t:
-            continue
-        pairs.append((int(p), int(t)))
-        used_p.add(p)
-        used_t.add(t)
-    return pairs
-
-
 def count_edits(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
                 rules: EditRules | None = None) -> FrameEdits:
     """The edits that turn ``predicted`` (what CVAT shows) into ``truth`` (the expert's final annotation) on a
@@ -154,7 +136,7 @@ def count_edits(predicted: Sequence[Instance], truth: Sequence[Instance], height
     out = FrameEdits(true_cells=len(truth), predicted_cells=len(predicted),
                      scratch_vertices=sum(vertices(t) for t in truth))
     iou = iou_matrix(predicted, truth, height, width)
-    pairs = match(iou, rules.match_iou)
+    pairs = greedy_pairs(iou, rules.match_iou)
     for p, t in pairs:
         wrong_label = rules.check_labels and predicted[p].label != truth[t].label
         rough = iou[p, t] < rules.redraw_iou

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from wbc_core.detect import Detection, Predictor
+from wbc_core.matching import box_iou, greedy_pairs
 
 SIGNALS = ("near_threshold", "disagreement", "low_classifier_confidence", "flip_unmatched")
 
@@ -45,33 +46,9 @@ class FrameUncertainty:
         return asdict(self)
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
 def unmatched(boxes: np.ndarray, other: np.ndarray, min_iou: float = 0.5) -> int:
     """Boxes of either list with no partner (IoU >= ``min_iou``, one-to-one, best pairs first) in the other."""
-    iou = _box_iou(boxes, other)
-    pairs = 0
-    used_a, used_b = set(), set()
-    for flat in np.argsort(-iou, axis=None, kind="stable"):
-        i, j = np.unravel_index(flat, iou.shape)
-        if iou[i, j] < min_iou:
-            break
-        if i in used_a or j in used_b:
-            continue
-        used_a.add(i)
-        used_b.add(j)
-        pairs += 1
-    return len(boxes) + len(other) - 2 * pairs
+    return len(boxes) + len(other) - 2 * len(greedy_pairs(box_iou(boxes, other), min_iou))
 
 
 def from_detection(detection: Detection, margin: float = 0.1) -> FrameUncertainty:
