@@ -61,6 +61,18 @@ from their cvat_sync.json; with --check, also ask the server whether each task c
 nothing.
 """ + CONNECTION
 
+RANK_DESCRIPTION = """\
+Rank a task's unannotated frames by how unsure the model is about them, so the expert corrects first
+the frames the next retrain learns most from (active learning). Each frame without annotations (and not
+queued by an earlier ranking) is downloaded and run through the bundle's detect, plus a mirrored pass;
+its score is a weighted count of near-threshold cells, segmenter-classifier disagreements, unsure class
+calls and cells that do not survive the mirror. Writes OUT/ranking.json and OUT/ranking.csv, most
+uncertain first. With --create-task K, also creates a new CVAT task (same labels and project) holding
+the top K frames, ready for Automatic annotation and correction; its frames are recorded in
+OUT/queued.json so the next ranking skips them. On any failure nothing is written (a half-made task is
+deleted) and the retrain registry is never touched.
+""" + CONNECTION
+
 EPILOG = """\
 examples:
   python -m cvat_sync list
@@ -68,6 +80,7 @@ examples:
   python -m cvat_sync pull --project 3 --jobs accepted
   python -m cvat_sync pull --task 12 --via export --format "CVAT for images 1.1"
   python -m cvat_sync status --check
+  python -m cvat_sync rank --task 12 --bundle models/registry/current --create-task 10
 
 exit codes: 0 done, 1 error, 2 bad settings or not a CVAT server, 3 credentials or permission,
 4 task/project not found, 5 server unreachable after retries, 6 nothing usable to pull, an answer
@@ -136,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", type=Path, help="dataset folder (default: 'out' in the config, else data/cvat)")
     st.add_argument("--check", action="store_true", help="ask the server whether each task changed since its pull")
     _connection_args(st)
+
+    rk = sub.add_parser("rank", help="rank a task's unannotated frames for correction (active learning)",
+                        description=RANK_DESCRIPTION, formatter_class=raw, epilog=EPILOG)
+    rk.add_argument("--task", type=int, required=True, metavar="ID", help="the task whose frames to rank")
+    rk.add_argument("--bundle", type=Path, help="model bundle folder (default: the shipped starter, models/starter)")
+    rk.add_argument("--out", type=Path, help="where ranking.json/.csv and queued.json go (default: "
+                                             "data/rank/task-ID)")
+    rk.add_argument("--create-task", type=int, default=0, metavar="K",
+                    help="create a CVAT task with the top K frames (default 0: only write the ranking)")
+    rk.add_argument("--task-name", help="name of the created task (default: '<task name>: next K by uncertainty')")
+    rk.add_argument("--threshold", type=float, help="score threshold (default: the bundle's served threshold)")
+    rk.add_argument("--no-mirror", action="store_true", help="skip the mirrored pass (half the time, one signal "
+                                                             "less)")
+    rk.add_argument("--weight", action="append", default=[], metavar="SIGNAL=W",
+                    help="weight of a signal in the score (repeatable; default 1 each): "
+                         "near_threshold, disagreement, low_classifier_confidence, flip_unmatched")
+    rk.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _connection_args(rk)
     return parser
 
 
@@ -274,11 +305,62 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(items: list[str]) -> dict[str, float]:
+    from wbc_core.uncertainty import DEFAULT_WEIGHTS
+
+    weights = dict(DEFAULT_WEIGHTS)
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in weights:
+            raise ConfigError(f"--weight {item!r}: use SIGNAL=W with SIGNAL one of {', '.join(weights)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--weight {item!r}: {value!r} is not a number") from None
+    return weights
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from cvat_sync.rank import RankOptions, rank_task
+    from wbc_core.bundle import STARTER_DIR, BundleError, load_bundle
+    from wbc_core.detect import Predictor
+
+    if args.create_task < 0:
+        raise ConfigError("--create-task must be 0 (none) or a number of frames")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise ConfigError(f"--threshold {args.threshold}: a score between 0 and 1")
+    weights = _weights(args.weight)
+    settings = _settings(args)
+    bundle_dir = args.bundle or STARTER_DIR
+    try:
+        bundle = load_bundle(bundle_dir)
+    except (BundleError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the bundle {bundle_dir}: {exc}") from None
+    predictor = Predictor(bundle)
+    out = args.out or Path("data/rank") / f"task-{args.task}"
+    options = RankOptions(out=out, create_task=args.create_task, mirror=not args.no_mirror, threshold=args.threshold,
+                          weights=weights, progress=not args.no_progress and sys.stderr.isatty(),
+                          task_name=args.task_name)
+    with CvatClient(settings, retry=_retry(args)) as client:
+        client.server_version()
+        record = rank_task(client, args.task, predictor, options)
+    top = record["ranking"][:10]
+    lines = [f"task {record['task']} ({record['task_name']}): {record['frames_ranked']} frames ranked "
+             f"({record['frames_annotated']} already annotated) in {record['seconds']:.0f} s; most uncertain first:"]
+    lines += [f"  {r['rank']:>4}  frame {r['frame']:>5}  {r['name']:<40}  score {r['score']}" for r in top]
+    created = record.get("created_task")
+    if created:
+        lines.append(f"created task {created['id']} ({created['name']}) with {len(created['frames'])} frames")
+    lines.append(f"written: {out / 'ranking.json'}, {out / 'ranking.csv'}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"pull": cmd_pull, "list": cmd_list, "status": cmd_status}
+    handlers = {"pull": cmd_pull, "list": cmd_list, "status": cmd_status, "rank": cmd_rank}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -9,23 +9,28 @@
   exception texts or reprs, and are never sent to another host than the configured server.
 - CVAT's four error body shapes (``{"detail"}``, a bare list, a bare string, plain text/HTML) become
   one readable message.
+- Task creation (:meth:`CvatClient.create_task`, :meth:`~CvatClient.upload_task_images`,
+  :meth:`~CvatClient.delete_task`): calls that create something are never repeated once the server may have
+  acted on them (see :meth:`CvatClient._send`).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import mimetypes
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from cvat_sync.config import Settings
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 CVAT_JSON = "application/vnd.cvat+json"
 USER_AGENT = "cvat_sync/0.1 (wbc-annotator)"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+SORTING_METHODS = ("lexicographical", "natural", "predefined", "random")  # DataRequest.sorting_method
+OCTET_STREAM = "application/octet-stream"
 
 
 class CvatError(RuntimeError):
@@ -65,6 +72,19 @@ class NotFound(CvatError):
 
 class ServerUnavailable(CvatError):
     exit_code = 5
+
+
+class OutcomeUnknown(CvatError):
+    """A call that creates something broke off after the request may have reached the server (the connection
+    dropped, the answer was cut off, a proxy's 5xx). It was not repeated, since CVAT may have acted on it:
+    look before trying again (e.g. delete a half-made task)."""
+
+    exit_code = 5
+
+
+class TaskCreateError(CvatError):
+    """CVAT refused to create a task or its data (a 400, with the server's reason), or the creation request
+    ended ``failed`` (with the server's message), or did not finish in time."""
 
 
 class TooLarge(CvatError):
@@ -203,9 +223,20 @@ class CvatClient:
 
     def _send(self, method: str, path: str, params: dict[str, Any] | None = None, json: Any = None,
               auth_header: str | None = "auto", headers: dict[str, str] | None = None,
-              max_body: int | None = None) -> requests.Response:
+              max_body: int | None = None, *, data: Any = None, files: Any = None,
+              idempotent: bool = True) -> requests.Response:
         """One call with retries on connection errors, cut-off bodies, 429 and 5xx (body read fully; a body over
-        ``max_body`` bytes is :class:`TooLarge`, read no further)."""
+        ``max_body`` bytes is :class:`TooLarge`, read no further).
+
+        ``idempotent=False`` is for calls that create something (``POST /api/tasks``, ``POST .../data``). Sending
+        such a call twice can create two tasks or start two creation jobs, so it is repeated only when the
+        failure proves that the server did not act on it: the connection could not be opened (refused, connect
+        timeout), a 429 (DRF throttles before the view runs) or a 503 that carries ``Retry-After`` (the
+        server, or the proxy in front of it, turned the request away). Anything else after the request went out
+        (a dropped connection, a read timeout, a cut-off answer, a 500/502/504, a 503 without ``Retry-After``)
+        raises :class:`OutcomeUnknown` at once. The default (True) keeps the old behaviour for reads and for
+        writes that are safe to repeat (PUT/DELETE, login, and the export POST, which CVAT answers with the
+        same ``rq_id`` or a 409 while the export runs)."""
         url = self.url_for(path)
         hdrs = dict(headers or {})
         auth = self._authorization() if auth_header == "auto" else auth_header
@@ -217,7 +248,8 @@ class CvatClient:
                 log.debug("retry %d of %s %s", attempt, method, path)
             try:
                 self.requests_made += 1
-                resp = self.session.request(method, url, params=params, json=json, headers=hdrs,
+                resp = self.session.request(method, url, params=params, json=json, data=data, files=files,
+                                            headers=hdrs,
                                             timeout=(self.retry.connect_timeout, self.retry.read_timeout),
                                             stream=max_body is not None)
                 if max_body is not None:
@@ -230,14 +262,24 @@ class CvatClient:
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 last = f"{type(exc).__name__}: {_short(exc)}"
+                if not idempotent and not _never_sent(exc):
+                    raise OutcomeUnknown(f"{method} {self.base}{urlsplit(url).path} broke off after the request was "
+                                         f"sent ({type(exc).__name__}); CVAT may have acted on it, so it was not "
+                                         "sent again") from None
                 time.sleep(self.retry.wait(attempt))
                 continue
             if resp.status_code in RETRY_STATUSES:
+                if not idempotent and not (resp.status_code == 429 or (resp.status_code == 503
+                                                                       and _retry_after(resp) is not None)):
+                    raise OutcomeUnknown(f"{method} {self.base}{urlsplit(url).path} got HTTP {resp.status_code} "
+                                         f"({error_detail(resp, 120)}); CVAT may have acted on it, so it was not "
+                                         "sent again", status=resp.status_code)
                 last = f"HTTP {resp.status_code} {error_detail(resp, 120)}"
                 wait = self.retry.wait(attempt, _retry_after(resp))
                 log.info("%s %s: %s; retrying in %.1f s", method, path, last, wait)
                 time.sleep(wait)
                 continue
+            resp.cvat_attempts = attempt + 1  # type: ignore[attr-defined]  # tries this answer took
             return resp
         raise ServerUnavailable(f"{method} {self.base}{urlsplit(url).path} failed {self.retry.attempts} times "
                                 f"(last: {last}); is the server up? Try again later", status=None)
@@ -254,7 +296,7 @@ class CvatClient:
             self._raise_for(resp, what or path)
         return resp
 
-    def _raise_for(self, resp: requests.Response, what: str) -> None:
+    def _raise_for(self, resp: requests.Response, what: str, action: str = "read") -> None:
         detail = error_detail(resp)
         status = resp.status_code
         if status == 401 and self.settings.access_token and NO_CREDENTIALS in detail.lower():
@@ -267,7 +309,7 @@ class CvatClient:
             raise AuthError(f"CVAT at {self.base} rejected the credentials ({self.settings.auth_kind}): {detail}. "
                             "Check CVAT_ACCESS_TOKEN / CVAT_TOKEN / CVAT_USERNAME+CVAT_PASSWORD", status)
         if status == 403:
-            raise AccessDenied(f"no permission to read {what} on {self.base} as {self.settings.auth_kind}: {detail}"
+            raise AccessDenied(f"no permission to {action} {what} on {self.base} as {self.settings.auth_kind}: {detail}"
                                + (f" (organization {self.settings.org})" if self.settings.org else "")
                                + ". Ask the owner to add you, or pass --org if it belongs to an organization",
                                status)
@@ -348,6 +390,115 @@ class CvatClient:
             self._server_version = str(about["version"])
         return self._server_version
 
+    # --- task creation ------------------------------------------------------------------------
+
+    def create_task(self, name: str, labels: list[dict] | None = None, *, project_id: int | None = None,
+                    segment_size: int | None = None) -> dict:
+        """``POST /api/tasks``: a new task without data (give it images with :meth:`upload_task_images`); returns
+        the task as CVAT answers it (``id``, ``url``, ``labels`` link, ...).
+
+        ``labels`` as CVAT takes them (``[{"name", "type", "color"?, "attributes": [{"name", "mutable",
+        "input_type", "default_value", "values"}]}]``). A task in a project (``project_id``) uses the project's
+        labels and must be given none. ``segment_size``: frames per job (CVAT's default, 0, is one job).
+        Raises :class:`TaskCreateError` with the server's reasons when CVAT refuses (400), :class:`AccessDenied`
+        (403), and :class:`OutcomeUnknown` when the call broke off after it may have created the task: it is
+        never sent twice (see :meth:`_send`)."""
+        body: dict[str, Any] = {"name": name}
+        if labels is not None:
+            body["labels"] = labels
+        if project_id is not None:
+            body["project_id"] = project_id
+        if segment_size is not None:
+            body["segment_size"] = segment_size
+        resp = self._send("POST", "/api/tasks", json=body, idempotent=False)
+        if resp.status_code == 400:
+            raise TaskCreateError(f"CVAT at {self.base} refused to create task {name!r}: {_validation_text(resp)}",
+                                  400)
+        if resp.status_code != 201:
+            self._raise_for(resp, f"task {name!r}", action="create")
+        task = resp.json() if _is_json(resp) else None
+        if not isinstance(task, dict) or not isinstance(task.get("id"), int):
+            raise NotCvatError(f"{self.base}/api/tasks answered the task creation with HTTP {resp.status_code} but no "
+                               "task object: is this a CVAT server?")
+        log.info("created task %d on %s", task["id"], self.base)
+        return task
+
+    def upload_task_images(self, task_id: int, files: Sequence[tuple[str, bytes]], *, image_quality: int = 70,
+                           sorting_method: str = "predefined", poll_seconds: float = 0.5,
+                           timeout_s: float = 600.0) -> None:
+        """Give a task created by :meth:`create_task` its images and wait until CVAT has made its frames and jobs.
+
+        ``files``: ``(name, bytes)`` pairs; the names become the frame names (CVAT keeps only the part after the
+        last ``/``, so names with a path and repeated names are refused here with :class:`ValueError`).
+        ``sorting_method="predefined"`` keeps this order; ``lexicographical``/``natural`` sort by name,
+        ``random`` shuffles. One multipart ``POST /api/tasks/{id}/data`` (``client_files[i]``, ``image_quality``,
+        ``sorting_method``; not repeated once sent, see :meth:`_send`), then ``GET /api/requests/{rq_id}``
+        every ``poll_seconds`` until ``finished``. :class:`TaskCreateError` when CVAT refuses the upload (400),
+        when the request ends ``failed`` (with the server's message, e.g. a file that is not an image) or is not
+        finished after ``timeout_s``. A task whose upload failed is left without data: delete it with
+        :meth:`delete_task`."""
+        if not files:
+            raise ValueError("no images to upload")
+        if sorting_method not in SORTING_METHODS:
+            raise ValueError(f"sorting_method must be one of {SORTING_METHODS}, got {sorting_method!r}")
+        if isinstance(image_quality, bool) or not 0 <= int(image_quality) <= 100:
+            raise ValueError(f"image_quality must be 0..100, got {image_quality!r}")
+        names = [name for name, _ in files]
+        for name in names:
+            if not isinstance(name, str) or not name.strip() or name in (".", "..") or re.search(r"[/\\]", name):
+                raise ValueError(f"an image name must be a plain file name (CVAT keeps only the part after the "
+                                 f"last '/'), got {name!r}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"image names must be unique in a task (CVAT would keep only one of each): {repeated}")
+        parts = [(f"client_files[{i}]", (name, bytes(data), mimetypes.guess_type(name)[0] or OCTET_STREAM))
+                 for i, (name, data) in enumerate(files)]
+        fields = {"image_quality": str(int(image_quality)), "sorting_method": sorting_method}
+        what = f"the {len(files)} images of task {task_id}"
+        resp = self._send("POST", f"/api/tasks/{task_id}/data", data=fields, files=parts, idempotent=False)
+        if resp.status_code == 400:
+            raise TaskCreateError(f"CVAT at {self.base} refused {what}: {_validation_text(resp)}", 400)
+        if resp.status_code != 202:
+            self._raise_for(resp, f"task {task_id}", action="upload images to")
+        answer = resp.json() if _is_json(resp) else None
+        rq_id = answer.get("rq_id") if isinstance(answer, dict) else None
+        if not isinstance(rq_id, str) or not rq_id:
+            raise NotCvatError(f"{self.base} accepted {what} without a request id (HTTP {resp.status_code}): is "
+                               "this a CVAT server?")
+        log.info("uploaded %s (%.1f MB); waiting for request %s", what, sum(len(d) for _, d in files) / 1e6, rq_id)
+        self._wait_for_creation(task_id, rq_id, poll_seconds, timeout_s)
+
+    def _wait_for_creation(self, task_id: int, rq_id: str, poll_seconds: float, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        path = f"/api/requests/{quote(rq_id, safe=':@=&')}"  # ':' and '@' stay raw, as CVAT's clients send them
+        while True:
+            status = self.get_json(path, what=f"the creation request {rq_id} of task {task_id}")
+            state = status.get("status") if isinstance(status, dict) else None
+            if state == "finished":
+                return
+            if state == "failed":
+                message = " ".join(str(status.get("message") or "no message").split())[:500]
+                raise TaskCreateError(f"CVAT could not create the data of task {task_id}: {message}")
+            if state not in ("queued", "started"):
+                raise NotCvatError(f"{self.base}{path} gave no request status (got {state!r}): is this a CVAT "
+                                   "server?")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TaskCreateError(f"the data of task {task_id} was not ready after {timeout_s:g} s (request "
+                                      f"{rq_id} still {state}); CVAT's import worker may be busy or down")
+            time.sleep(max(0.0, min(poll_seconds, remaining)))
+
+    def delete_task(self, task_id: int) -> None:
+        """``DELETE /api/tasks/{id}`` (its jobs, frames and annotations go with it). Repeated like any call on
+        connection errors and 5xx; a 404 after such a repeat means an earlier try did delete it."""
+        resp = self._send("DELETE", f"/api/tasks/{task_id}")
+        if resp.status_code in (200, 202, 204):
+            log.info("deleted task %d on %s", task_id, self.base)
+            return
+        if resp.status_code == 404 and getattr(resp, "cvat_attempts", 1) > 1:
+            return
+        self._raise_for(resp, f"task {task_id}", action="delete")
+
     def close(self) -> None:
         self.session.close()
 
@@ -387,3 +538,43 @@ def _short(exc: BaseException, limit: int = 200) -> str:
 def version_tuple(version: str) -> tuple[int, ...]:
     nums = re.findall(r"\d+", version)
     return tuple(int(n) for n in nums[:3])
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """True when a ``requests`` error proves the request never reached the server: the connection could not be
+    opened (refused, DNS, connect timeout). A reset, a read timeout or a cut-off body come after it was sent."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.exceptions.ConnectionError) or not exc.args:
+        return False
+    cause = exc.args[0]
+    reason = cause.reason if isinstance(cause, urllib3.exceptions.MaxRetryError) else cause
+    return isinstance(reason, urllib3.exceptions.ConnectTimeoutError)  # NewConnectionError is one too
+
+
+def _validation_text(resp: requests.Response, limit: int = 500) -> str:
+    """A 400's reasons in one line: DRF's field errors (``{"labels": [{"name": ["This field is required."]}]}``)
+    become ``labels[0].name: This field is required.``; other shapes as :func:`error_detail` reads them."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "detail" in body:
+        return error_detail(resp, limit)
+    items = [f"{where}: {text}" if where else text for where, text in _flatten_errors(body)]
+    return " ".join("; ".join(items).split())[:limit] or error_detail(resp, limit)
+
+
+def _flatten_errors(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            inner = where if key == "non_field_errors" else f"{where}.{key}" if where else str(key)
+            yield from _flatten_errors(value, inner)
+    elif isinstance(node, list) and all(isinstance(x, str) for x in node):
+        for text in node:
+            yield where, text
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _flatten_errors(value, f"{where}[{index}]")
+    else:
+        yield where, str(node)

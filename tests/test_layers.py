@@ -1,6 +1,6 @@
 """The import contract: layers with one-way imports, checked on every import statement (lazy ones included).
 
-    operations   trainer.retrain, trainer.registry, trainer.__main__   (may use everything below)
+    operations   trainer.retrain, trainer.registry, trainer.correction_sim, trainer.__main__ (may use all below)
     training     the rest of trainer/                                   -> wbc_core
     serving      serverless/ -> wbc_core;  cvat_sync/ -> wbc_core       (never each other, never trainer)
     core         wbc_core/                                              -> nothing of ours
@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("wbc_core", "serverless", "cvat_sync", "trainer")
-OPERATIONS = ("trainer.retrain", "trainer.registry", "trainer.__main__")
+OPERATIONS = ("trainer.retrain", "trainer.registry", "trainer.correction_sim", "trainer.__main__")
 NOT_IN_SERVING_IMAGE = ("tqdm", "matplotlib", "requests", "trainer", "cvat_sync", "tests")
 
 

@@ -20,8 +20,9 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from tests.tiny_models import spread_untrained_segmenter
 from wbc_core.bundle import write_bundle
+from wbc_core.contract import MIN_WBC_RBC_RATIO
 from wbc_core.data.images import ImageReadError, decode_jpeg_torch, decode_rgb
-from wbc_core.detect import Predictor, paste_mask
+from wbc_core.detect import Predictor, equivalent_diameter, paste_mask
 from wbc_core.model import (
     FusedBody,
     SegmenterConfig,
@@ -160,6 +161,28 @@ def test_threshold_only_changes_which_cells_come_back(bundle_and_model: tuple[Pa
     for cell in high.cells:
         twin = by_box[tuple(round(v, 3) for v in cell.box)]
         assert twin.label == cell.label and np.array_equal(twin.mask_crop, cell.mask_crop)
+
+
+def test_cells_smaller_than_a_fraction_of_a_red_cell_are_not_returned_and_are_counted(
+        bundle_and_model: tuple[Path, torch.nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
+    directory, _ = bundle_and_model
+    predictor = Predictor(directory, device="cpu")
+    every = predictor.detect(_slide(), threshold=0.02)
+    sizes = sorted(equivalent_diameter(c.mask_crop) for c in every.cells)
+    assert len(sizes) >= 4 and sizes[0] < sizes[-1]
+    # pretend the frame's red cells measured so that the floor falls between the smallest and the largest cells
+    rbc = (sizes[0] + sizes[-1]) / 2 / MIN_WBC_RBC_RATIO
+    monkeypatch.setattr(Predictor, "input_scale", lambda self, image, ds, w, h: (1.0, rbc))
+    kept = predictor.detect(_slide(), threshold=0.02)
+    assert kept.rbc_diameter_px == rbc
+    assert all(equivalent_diameter(c.mask_crop) >= MIN_WBC_RBC_RATIO * rbc for c in kept.cells)
+    assert kept.too_small == sum(d < MIN_WBC_RBC_RATIO * rbc for d in sizes) > 0
+    assert len(kept.cells) + kept.too_small == len(every.cells)
+    # all of them too small: an empty frame says why
+    monkeypatch.setattr(Predictor, "input_scale", lambda self, image, ds, w, h: (1.0, 10 * sizes[-1]))
+    none = predictor.detect(_slide(), threshold=0.02)
+    assert not none.cells and none.too_small == len(every.cells)
+    assert "smaller than 0.7 red-cell diameters" in (none.empty_reason or "")
 
 
 def _jpeg(image: np.ndarray, **kw: object) -> bytes:

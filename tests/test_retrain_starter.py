@@ -20,7 +20,7 @@ RBC_SCALE = {"mode": "rbc", "rbc_px": 20.0, "max_side": 400, "min_side": 64}
 def _starter(folder: Path) -> Path:
     cfg, model = blob_segmenter(1, seed=5)
     cfg.mask_resolution = 7
-    return write_bundle(folder, model, ["wbc"], cfg, 0.5, scale=RBC_SCALE)
+    return write_bundle(folder, model, ["wbc"], cfg, 0.85, scale=RBC_SCALE)
 
 
 def _config(root: Path, **segmenter: Any) -> Path:
@@ -60,6 +60,7 @@ def test_first_version_fine_tunes_the_starter_with_its_architecture_and_scale(
     assert cfg.model.fpn_channels == 32 and cfg.model.mask_resolution == 7, "the starter's architecture"
     assert cfg.model.box_batch_size_per_image == 16, "training-only keys stay the retrain config's"
     assert cfg.scale.mode == "rbc" and cfg.scale.rbc_px == 20.0 and cfg.scale.max_side == 400
+    assert cfg.score_threshold == 0.85, "the served threshold (chosen on validation frames) is kept"
     # the weights load into the model the config builds (class heads re-initialised for the lab's classes)
     from wbc_core.model import build_model
 

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from tests.hostile_images import small_slide
 from tests.tiny_models import blob_segmenter
 from wbc_core.bundle import write_bundle
-from wbc_core.detect import Cell, Detection, Predictor
+from wbc_core.detect import Cell, Detection, Predictor, mask_fuzziness
 from wbc_core.labels import RVPBS_LABELS
-from wbc_core.uncertainty import FrameUncertainty, frame_uncertainty, from_detection, rank, unmatched
+from wbc_core.uncertainty import FrameUncertainty, frame_uncertainty, from_detection, rank, scores, unmatched
 
 
 def _cell(score: float, box: tuple[float, float, float, float] = (0, 0, 10, 10), **attributes: str) -> Cell:
@@ -27,10 +28,16 @@ def test_signals_of_one_detection() -> None:
                           width=100, height=100, threshold=0.5, max_cells=100, below_threshold=2, best_below=0.45)
     s = from_detection(detection, margin=0.1)
     assert (s.cells, s.near_threshold, s.disagreement, s.low_classifier_confidence) == (3, 3, 1, 1)
-    assert s.flip_unmatched is None and s.score() == 5.0 and s.score({"near_threshold": 0}) == 2.0
+    assert s.low_score == round(0.05 + 0.45 + 0.48 + 0.45, 4)
+    counts = {"low_score": 0, "mask_fuzziness": 0}
+    assert s.flip_unmatched is None and s.score(counts) == 5.0 and s.score({**counts, "near_threshold": 0}) == 2.0
+    # at a high threshold "near" is at most half the way to 1: 0.93 is near 0.9, 0.97 is not
+    high = from_detection(Detection(cells=[_cell(0.93), _cell(0.97)], width=100, height=100, threshold=0.9,
+                                    max_cells=100))
+    assert high.near_threshold == 1
     calm = from_detection(Detection(cells=[_cell(0.99)], width=100, height=100, threshold=0.5, max_cells=100,
                                     below_threshold=1, best_below=0.1))
-    assert calm.score() == 0.0
+    assert calm.score({"low_score": 0}) == 0.0 and calm.low_score == round(0.01 + 0.1, 4)
 
 
 def test_unmatched_boxes_are_counted_on_both_sides() -> None:
@@ -45,6 +52,25 @@ def test_rank_orders_the_most_uncertain_first() -> None:
               ("c", FrameUncertainty())]
     assert [name for name, _ in rank(frames)] == ["b", "a", "c"]
     assert [name for name, _ in rank(frames, {"disagreement": 0, "flip_unmatched": 0})] == ["a", "b", "c"]
+
+
+def test_scores_put_signals_on_one_scale() -> None:
+    # low_score is in hundreds here, near_threshold in ones: divided by their means, each counts the same
+    frames = [FrameUncertainty(low_score=300.0), FrameUncertainty(near_threshold=3), FrameUncertainty(low_score=100.0)]
+    assert scores(frames) == [1.0, 1.0, pytest.approx(1 / 3)]  # each divided by its largest value
+    assert scores(frames, {"low_score": 0}) == [0.0, 1.0, 0.0]
+    assert scores(frames, {"near_threshold": 0.5}) == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert scores([]) == [] and scores([FrameUncertainty()]) == [0.0]
+
+
+def test_mask_fuzziness_of_crisp_and_blurred_outlines() -> None:
+    crisp = np.zeros((28, 28))
+    crisp[7:21, 7:21] = 1.0
+    assert mask_fuzziness(crisp) == 0.0
+    yy, xx = np.mgrid[:28, :28]
+    blurred = 1 / (1 + np.exp((np.hypot(yy - 13.5, xx - 13.5) - 7) / 2.0))  # a soft disc
+    assert 0.3 < mask_fuzziness(blurred) < 2.0
+    assert mask_fuzziness(np.zeros((28, 28))) == 0.0
 
 
 class BlobFinder:

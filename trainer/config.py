@@ -96,7 +96,9 @@ TRAINING_ONLY_MODEL_KEYS = ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train
 
 def finetune_from_bundle(cfg: TrainConfig, bundle_dir: str | Path, lr_scale: float = 0.3) -> TrainConfig:
     """``cfg`` set to fine-tune the segmenter of ``bundle_dir``: its weights, its architecture and input scale
-    (the weights were trained at them), the training-only model keys of ``cfg``, and a gentler start (lr x
+    (the weights were trained at them), its served score threshold (chosen for it on validation frames; a retrain
+    that reset it to the config's would change what the lab sees overnight), the training-only model keys of
+    ``cfg``, and a gentler start (lr x
     ``lr_scale``, a short warm-up: a trained model's first steps must not undo it). Class heads are
     re-initialised when the class count differs (:func:`wbc_core.model.load_weights`)."""
     from wbc_core.bundle import load_bundle
@@ -112,6 +114,7 @@ def finetune_from_bundle(cfg: TrainConfig, bundle_dir: str | Path, lr_scale: flo
     if bundle.scale:
         cfg.scale = ScaleConfig.from_dict({k: v for k, v in bundle.scale.items()
                                            if k in ScaleConfig.__dataclass_fields__})
+    cfg.score_threshold = float(bundle.score_threshold)
     cfg.train.lr *= lr_scale
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, 10)
     return cfg

@@ -28,6 +28,10 @@ SHAPE_TYPE = "mask"
 #: Cells returned per frame at most (a bundle may set ``max_cells``); the lowest-scoring ones are dropped
 #: first and the cut is logged. RV-PBS has about 1.1 WBC per photo; 100 is far above any real smear field.
 DEFAULT_MAX_CELLS = 100
+#: A cell narrower than this many red-cell diameters (equivalent diameter of its mask) is not a WBC: the smallest,
+#: a small lymphocyte, is ~7 um across (0.93 of a 7.5 um red cell); platelets, their clumps and debris are 2-5 um.
+#: Applied when the red-cell size was measured on the frame (scale mode rbc); counted in Detection.too_small.
+MIN_WBC_RBC_RATIO = 0.7
 #: Largest response body (bytes) a frame's cells are serialised into; cells past it (the lowest-scoring) are
 #: dropped and the cut logged. CVAT's mask format costs 4 bytes per pixel of each cell's box, so cells that do
 #: not overlap fit in 4 bytes x the frame's pixels: 49 MB for a 12.2 MP slide. Only many overlapping outlines

@@ -32,6 +32,7 @@ from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.ops import nms
 
 from wbc_core.bundle import Bundle, load_bundle
+from wbc_core.contract import MIN_WBC_RBC_RATIO
 from wbc_core.data.images import ImageReadError, decode_jpeg_torch, decode_rgb, read_rgb, resize_to, target_scale
 from wbc_core.data.masks import mask_to_polygon
 from wbc_core.data.types import Instance
@@ -56,6 +57,7 @@ class Cell:
     origin: tuple[int, int]                     # (left, top) of mask_crop in the frame
     attributes: dict[str, str] = field(default_factory=dict)
     points: np.ndarray | None = None            # (N, 2) polygon in frame px, N >= 3 (set by detect)
+    mask_fuzziness: float = 0.0                 # share of the mask head's map that is unsure (see mask_fuzziness)
 
     def full_mask(self, height: int, width: int) -> np.ndarray:
         out = np.zeros((height, width), dtype=bool)
@@ -99,6 +101,7 @@ class Detection:
     below_threshold: int = 0
     best_below: float | None = None
     degenerate: int = 0
+    too_small: int = 0                          # cells under MIN_WBC_RBC_RATIO red-cell diameters (not WBCs)
     input_scale: float = 1.0                   # native -> model input resize factor
     rbc_diameter_px: float | None = None       # estimated red-cell diameter (native px), scale mode rbc
     timings: dict[str, float] = field(default_factory=dict)
@@ -112,7 +115,23 @@ class Detection:
                     f"(best {self.best_below:.3f})")
         if self.degenerate:
             return f"{self.degenerate} cell(s) had masks too small for a polygon"
+        if self.too_small:
+            return (f"{self.too_small} cell(s) were smaller than {MIN_WBC_RBC_RATIO:g} red-cell diameters "
+                    f"({self.rbc_diameter_px:.0f} px here): platelets or debris, not white cells")
         return "the segmenter found no candidate cell"
+
+
+def equivalent_diameter(mask: np.ndarray) -> float:
+    """Diameter (px) of the disc with the mask's area."""
+    return float(2.0 * np.sqrt(np.count_nonzero(mask) / np.pi))
+
+
+def mask_fuzziness(prob: np.ndarray, low: float = 0.25, high: float = 0.75) -> float:
+    """How unsure the mask head is of a cell's outline: pixels of its MxM probability map between ``low`` and
+    ``high``, per pixel of the mask (p >= 0.5). 0 for a crisp outline; large when the edge is a wide blur."""
+    inside = int((prob >= 0.5).sum())
+    unsure = int(((prob > low) & (prob < high)).sum())
+    return unsure / max(inside, 1)
 
 
 def paste_mask(prob: np.ndarray, box: np.ndarray, width: int, height: int, threshold: float = 0.5
@@ -273,7 +292,8 @@ class Predictor:
                               box=(float(nbox[0]), float(nbox[1]), float(nbox[2]), float(nbox[3])),
                               mask_crop=crop, origin=origin,
                               attributes={"segmenter_label": name, "segmenter_score": f"{float(score):.3f}",
-                                          "decided_by": "segmenter"}))
+                                          "decided_by": "segmenter"},
+                              mask_fuzziness=mask_fuzziness(prob)))
         timings["masks"] = time.perf_counter() - t2
         t3 = time.perf_counter()
         if self.classifier is not None and cells:
@@ -291,6 +311,12 @@ class Predictor:
             log.warning("%d cells scored >= %g on a %dx%d frame; returning the %d best (max_cells)",
                         len(kept), thr, native_w, native_h, cap)
             kept = kept[:cap]
+        if estimate is not None:
+            floor = MIN_WBC_RBC_RATIO * estimate
+            small = [c for c in kept if equivalent_diameter(c.mask_crop) < floor]
+            if small:
+                detection.too_small = len(small)
+                kept = [c for c in kept if equivalent_diameter(c.mask_crop) >= floor]
         for cell in kept:
             cell.points = mask_to_polygon(cell.mask_crop, tolerance=POLYGON_TOLERANCE, offset=cell.origin)
             if cell.points is None:

@@ -4,8 +4,13 @@ Active learning asks the expert to correct first the frames the model would lear
 are cheap, per frame, and come from the ``detect`` contract's output (plus, optionally, one more ``detect`` on
 the mirrored frame):
 
-- ``near_threshold``: cells kept with a score within ``margin`` above the threshold, plus one when the best
-  rejected candidate scored within ``margin`` below it (a cell the expert may have to add);
+- ``near_threshold``: cells kept with a score within ``margin`` above the threshold (at most half the way from the
+  threshold to 1), plus one when the best rejected candidate scored within ``margin`` below it (a cell the
+  expert may have to add);
+- ``low_score``: the same idea as a number: the sum over kept cells of 1 - score, plus the best rejected
+  candidate's score;
+- ``mask_fuzziness``: the sum over kept cells of :func:`wbc_core.detect.mask_fuzziness` (the share of the mask
+  head's probability map between 0.25 and 0.75: an outline the expert may have to redraw);
 - ``disagreement``: cells whose label the classifier overrode (``decided_by=classifier``);
 - ``low_classifier_confidence``: cells whose classifier probability is under 0.5;
 - ``flip_unmatched``: cells of the frame and of its mirror image that find no partner in the other (box IoU
@@ -26,19 +31,24 @@ import numpy as np
 from wbc_core.detect import Detection, Predictor
 from wbc_core.matching import box_iou, greedy_pairs
 
-SIGNALS = ("near_threshold", "disagreement", "low_classifier_confidence", "flip_unmatched")
+SIGNALS = ("near_threshold", "low_score", "mask_fuzziness", "disagreement", "low_classifier_confidence",
+           "flip_unmatched")
+#: How much each signal counts in a frame's score (what ``cvat_sync rank`` uses unless told otherwise).
+DEFAULT_WEIGHTS: dict[str, float] = {name: 1.0 for name in SIGNALS}
 
 
 @dataclass
 class FrameUncertainty:
     cells: int = 0
     near_threshold: int = 0
+    low_score: float = 0.0
+    mask_fuzziness: float = 0.0
     disagreement: int = 0
     low_classifier_confidence: int = 0
     flip_unmatched: int | None = None   # None when the mirror pass was not run
 
     def score(self, weights: Mapping[str, float] | None = None) -> float:
-        """Weighted sum of the signals (default: each 1)."""
+        """Weighted sum of the raw signals (default: each 1); :func:`rank` scales them first."""
         weights = weights or {}
         return float(sum(weights.get(name, 1.0) * (getattr(self, name) or 0) for name in SIGNALS))
 
@@ -55,9 +65,12 @@ def from_detection(detection: Detection, margin: float = 0.1) -> FrameUncertaint
     """The signals one ``detect`` result carries (no mirror pass)."""
     thr = detection.threshold
     out = FrameUncertainty(cells=len(detection.cells))
-    out.near_threshold = sum(1 for c in detection.cells if c.score < thr + margin)
+    above = min(margin, (1.0 - thr) / 2)  # at threshold 0.9 every kept cell would be "within 0.1"
+    out.near_threshold = sum(1 for c in detection.cells if c.score < thr + above)
     if detection.best_below is not None and detection.best_below >= thr - margin:
         out.near_threshold += 1
+    out.low_score = round(sum(1.0 - c.score for c in detection.cells) + (detection.best_below or 0.0), 4)
+    out.mask_fuzziness = round(sum(c.mask_fuzziness for c in detection.cells), 4)
     for cell in detection.cells:
         if cell.attributes.get("decided_by") == "classifier":
             out.disagreement += 1
@@ -83,8 +96,18 @@ def frame_uncertainty(predictor: Predictor, image: np.ndarray, threshold: float 
     return detection, signals
 
 
+def scores(signals: Sequence[FrameUncertainty], weights: Mapping[str, float] | None = None) -> list[float]:
+    """Each frame's score among ``signals``: the weighted sum of its signals, each divided by that signal's
+    largest value over these frames (signals are counts and fractions on different scales; each counts at most
+    its weight, and a signal that is 0 everywhere adds nothing)."""
+    weights = weights or DEFAULT_WEIGHTS
+    tops = {name: max((float(getattr(s, name) or 0) for s in signals), default=0.0) for name in SIGNALS}
+    return [float(sum(weights.get(name, 1.0) * float(getattr(s, name) or 0) / tops[name]
+                      for name in SIGNALS if tops[name] > 0)) for s in signals]
+
+
 def rank(signals: Sequence[tuple[str, FrameUncertainty]], weights: Mapping[str, float] | None = None
          ) -> list[tuple[str, float]]:
-    """Frames (name, signals) ordered most uncertain first; ties keep the given order."""
-    scored = [(name, s.score(weights)) for name, s in signals]
+    """Frames (name, signals) ordered most uncertain first (:func:`scores`); ties keep the given order."""
+    scored = list(zip([name for name, _ in signals], scores([s for _, s in signals], weights), strict=True))
     return sorted(scored, key=lambda item: -item[1])

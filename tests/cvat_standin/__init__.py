@@ -26,8 +26,10 @@ State builder (thread-safe; every change to a task's data or shapes bumps its ``
 - ``add_project(name, labels=None, org=None, id=None, owner=None) -> project id``.
 - ``add_task(name, frames=[(name, image bytes)], labels=[{"name", "type", "color"?, "id"?, "attributes"?}],
   project_id=None, segment_size=None, org=None, id=None, owner=None, job_ids=None, image_quality=70,
-  data_id=None, assignee=None) -> task id`` (one job per ``segment_size`` frames; a task in a project uses the
-  project's labels).
+  data_id=None, assignee=None, overlap=None) -> task id`` (one job per ``segment_size`` frames; a task in a
+  project uses the project's labels); without frames, a task as ``POST /api/tasks`` leaves it, and
+  ``attach_data(task_id, frames, *, image_quality=70, job_ids=None, data_id=None)`` gives it frames and jobs
+  later. Ids are never handed out twice (a deleted task's id is not reused, as with CVAT's sequences).
 - ``set_annotations(task_id, shapes)`` (replace; CVAT API shapes: ``type`` polygon/mask/rectangle/...,
   ``frame``, ``label_id``, ``points`` (mask: CVAT RLE + ``[left, top, right, bottom]``), optional ``id``,
   ``occluded``, ``z_order``, ``rotation``, ``group``, ``source``, ``attributes``); ``add_shapes``,
@@ -59,12 +61,32 @@ method=None, path_contains=None, status=503, retry_after=1, delay=0.5, fraction=
 ``truncate``, ``export_fail``, ``tamper`` (a hostile server: ``transform=`` rewrites the answer's JSON or bytes;
 ready-made transforms in :mod:`tests.cvat_standin.hostile`: impossible job frame numbers, edited ``data/meta``,
 zip bombs with honest or lying sizes); route kinds ``server``, ``auth``, ``user``, ``list``, ``detail``, ``meta``,
-``frame``, ``annotations``, ``export``, ``request``, ``download``, ``update``, ``unknown`` or ``any``
-(details in :mod:`tests.cvat_standin.faults`).
+``frame``, ``annotations``, ``export``, ``request``, ``download``, ``update``, ``create`` (``POST
+/api/tasks`` and its ``/data`` upload; ``path_contains="/data"`` picks the upload), ``unknown`` or ``any``
+(details in :mod:`tests.cvat_standin.faults`). ``export_fail`` on route ``create`` makes the next task-creation
+request end ``failed`` with ``message``.
 
 Request log: ``cvat.log`` (list of :class:`LogEntry`: ``method, path, query, status, kind, bytes, fault, user,
 seconds, gzip``; ``status`` 0 for a reset), ``log_where(kind=, status=, method=)``, ``bytes_sent(kind=None)``,
 ``reset_log()``.
+
+Task creation over HTTP (checked against fixtures 06, 07, 08, 09, 16): ``POST /api/tasks`` (JSON
+``TaskWriteRequest``: ``name``, ``labels`` or ``project_id``, ``segment_size``, ``overlap``, ``subset``) -> 201
+with ``Location``, owned by the caller, in the caller's organization context; DRF's field errors as a dict
+(``{"labels": [{"name": ["This field is required."]}]}``), the serializer's ``create()`` checks as a bare list
+(``["Label set or project_id must be present"]``, ``["All label names must be unique"]``, the project/organization
+checks). ``POST /api/tasks/{id}/data`` (multipart ``client_files[i]``, ``image_quality``, ``sorting_method``;
+urlencoded and JSON bodies parsed too) -> 202 ``{"rq_id": "create:task-<id>"}``; a task with data (or a running
+create request) -> 400 ``"Adding more data is not supported"``. ``GET /api/requests/create:task-<id>`` follows
+``export_polls`` like an export (``started`` with "Task is being saved in database", then ``finished``,
+``expiry_date`` = finished + 500 s); at that point the files become frames (sorted ``lexicographical``,
+``natural``, ``predefined`` = upload order, or ``random``, seeded), jobs are cut by ``segment_size`` (and
+``overlap``), and both are written back to the task. Files that are not media are skipped; no image at all, or a
+file with an image name that does not decode, ends the request ``failed`` with CVAT's kind of message
+(``ValueError: No media data found``, ``PIL.UnidentifiedImageError: cannot identify image file 'x.jpg'``) and
+leaves the task without data (a new upload is allowed). ``DELETE /api/tasks/{id}`` -> 204. Creating in a project
+takes an admin, its owner or assignee, or its organization's owner (else 403); uploading takes the task's owner,
+assignee or project staff, deleting its owner or project staff (or an admin, or the organization's owner).
 
 HTTP routes besides the reads and exports: ``POST /api/auth/register``, ``PUT``/``PATCH``
 (``action=create|update|delete``)/``DELETE`` of task and job annotations, ``PATCH /api/jobs/{id}`` (state,
@@ -74,16 +96,25 @@ stage), job ``data``/``data/meta``, ``GET /api/requests`` and ``/api/labels/{id}
 ``auto_annotation.annotate_task`` read them; route kind ``frame``). Login and registration set the
 ``csrftoken``/``sessionfresh``/``sessionid`` cookies as CVAT does (cvat-sdk's ``Client.login`` requires them).
 
-Not like real CVAT (known): no task creation/upload or project creation over HTTP (builder API only), no
-tracks/tags, no job chunks (``/api/jobs/{id}/data?type=chunk``), chunks hold the frames' bytes as given (CVAT
-re-encodes EXIF-rotated and TIFF frames upright in ``original`` chunks), the session cookies are handed out
-but never authenticate (only the ``Authorization`` header does), no job or project exports, only "COCO 1.0" and
-"CVAT for images 1.1" zips (other valid formats end ``failed``), no ``queued`` state unless ``export_polls``
->= 2 (a request finishes only when polled), no BREACH random padding in gzip (a few-hundred-byte body is
-gzipped whenever that makes it shorter; Django's padding makes that a coin flip), the 404 debug page is short,
-``ext`` of formats other than the two captured is approximate, zip entries are in frame order, deleted frames
-are left out of exports, and the >= 2.32 behaviour (PATs, new rq ids, download endpoint) is from changelogs,
-not captures (real PATs arrived later than 2.32).
+Not like real CVAT (known): no project creation over HTTP (builder API only); task creation takes only the
+one-request upload of images (no TUS chunks, ``server_files``/``remote_files``/cloud storage, archives, videos or
+PDFs, manifests, ``upload_file_order``, ``job_file_mapping``, frame filters or start/stop frames; ``owner_id``,
+``assignee_id``, ``bug_tracker``, storages, label ``sublabels``/``svg`` are accepted and ignored), a new task keeps
+its fresh form (``mode: ""``, no ``size``/``data``) until its create request finishes (CVAT attaches an empty data
+object at once), the create request also finishes only when polled, the failure messages' exact texts, the
+failed request's ``expiry_date`` (+90 days), the unknown-project 400 (modelled on CVAT's permission code) and
+``natural`` sorting (digit runs as numbers; CVAT uses natsort) are not captured, an upload with two files of one
+name is refused (CVAT would save one over the other), organization roles are not modelled (see the creation
+permissions above), no tracks/tags, no job chunks (``/api/jobs/{id}/data?type=chunk``), chunks hold the frames'
+bytes as given (CVAT re-encodes EXIF-rotated and TIFF frames upright in ``original`` chunks), the session cookies
+are handed out but never authenticate (only the ``Authorization`` header does), no job or project exports, only
+"COCO 1.0" and "CVAT for images 1.1" zips (other valid formats end ``failed``), no ``queued`` state unless
+``export_polls`` >= 2 (a request finishes only when polled), no BREACH random padding in gzip (a few-hundred-byte
+body is gzipped whenever that makes it shorter; Django's padding makes that a coin flip), the 404 debug page is
+short, ``ext`` of formats other than the two captured is approximate, zip entries are in frame order, deleted
+frames are left out of exports, and the >= 2.32 behaviour (PATs, new rq ids including
+``action=create&target=task&target_id=<id>``, download endpoint) is from changelogs, not captures (real PATs
+arrived later than 2.32).
 """
 
 from tests.cvat_standin.faults import FAULT_KINDS, ROUTE_KINDS, Fault

@@ -13,7 +13,9 @@ import io
 import json
 import logging
 import math
+import mimetypes
 import os
+import random
 import re
 import secrets
 import zipfile
@@ -23,16 +25,18 @@ from dataclasses import dataclass, field
 from datetime import timedelta, timezone
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote, unquote, urlencode
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from tests.cvat_standin import exports
 from tests.cvat_standin.state import (
     CHUNK_SIZE,
     JOB_STAGES,
     JOB_STATES,
+    CreateRequest,
     ExportRequest,
     Job,
     Label,
@@ -64,6 +68,14 @@ MSG_UNKNOWN_FORMAT = "Unknown format specified for the request"
 MSG_UNKNOWN_EXPORT = ("Unknown export request id. Please request export first by sending a request without the "
                       "action=download parameter.")
 MSG_NO_REQUEST = "There is no request with specified id"
+MSG_MORE_DATA = "Adding more data is not supported"
+MSG_REQUIRED = "This field is required."
+MSG_NOT_FILE = "The submitted data was not a file. Check the encoding type on the form."
+SORTING_METHODS = ("lexicographical", "natural", "predefined", "random")
+ATTRIBUTE_TYPES = ("checkbox", "radio", "number", "text", "select")
+CREATE_STARTED = "Task is being saved in database"  # the started message of fixture 08
+CREATE_RESULT_TTL = timedelta(seconds=500)  # finished creates: expiry = finished + 500 s (fixture 09)
+CREATE_FAILURE_TTL = timedelta(days=90)  # failed creates: not captured (CVAT's import failure TTL; a guess)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -166,10 +178,13 @@ class Api:
             (re.compile(r"/api/auth/register"), {"POST": ("auth", self.register)}, True),
             (re.compile(r"/api/auth/logout"), {"POST": ("auth", self.logout)}, True),
             (re.compile(r"/api/users/self"), {"GET": ("user", self.users_self)}, False),
-            (re.compile(r"/api/tasks"), {"GET": ("list", self.tasks_list)}, False),
-            (re.compile(r"/api/tasks/(\d+)"), {"GET": ("detail", self.task_retrieve)}, False),
+            (re.compile(r"/api/tasks"), {"GET": ("list", self.tasks_list), "POST": ("create", self.task_create)},
+             False),
+            (re.compile(r"/api/tasks/(\d+)"), {"GET": ("detail", self.task_retrieve),
+                                               "DELETE": ("update", self.task_delete)}, False),
             (re.compile(r"/api/tasks/(\d+)/data/meta" + s), {"GET": ("meta", self.task_meta)}, False),
-            (re.compile(r"/api/tasks/(\d+)/data" + s), {"GET": ("frame", self.task_data)}, False),
+            (re.compile(r"/api/tasks/(\d+)/data" + s), {"GET": ("frame", self.task_data),
+                                                        "POST": ("create", self.task_upload_data)}, False),
             (re.compile(r"/api/tasks/(\d+)/annotations" + s),
              {"GET": ("annotations", self.task_annotations), "PUT": ("update", self.task_annotations_put),
               "PATCH": ("update", self.task_annotations_patch),
@@ -482,6 +497,8 @@ class Api:
         return {"version": 0, "tags": [], "shapes": [self.shape_json(s) for s in shapes], "tracks": []}
 
     def request_json(self, ctx: Ctx, rq: ExportRequest) -> dict[str, Any]:
+        if isinstance(rq, CreateRequest):
+            return self.create_request_json(rq)
         owner = self.cvat.users.get(rq.user_id)
         status = self.request_status(rq)
         result_url = None
@@ -523,6 +540,9 @@ class Api:
             self.finish(ctx, rq)
 
     def finish(self, ctx: Ctx, rq: ExportRequest) -> None:
+        if isinstance(rq, CreateRequest):
+            self.finish_create(rq)
+            return
         now = self.cvat.now()
         rq.started = rq.started or now
         task = self.cvat.tasks.get(rq.task_id)
@@ -788,6 +808,215 @@ class Api:
         self.cvat.delete_shapes(task.id)
         return Resp(204, b"", None)
 
+    # --- handlers: task creation --------------------------------------------------------------------
+
+    def create_rq_id(self, task_id: int) -> str:
+        """``create:task-<id>`` (fixture 07); the >= 2.32 form is ``action=create&target=task&target_id=<id>``."""
+        return f"action=create&target=task&target_id={task_id}" if self.new_api else f"create:task-{task_id}"
+
+    def _org_admin(self, user: User, org_id: int | None) -> bool:
+        org = self.cvat.orgs.get(org_id) if org_id is not None else None
+        return org is not None and org.owner_id == user.id
+
+    def _project_staff(self, user: User, project: Project) -> bool:
+        """May create tasks in ``project``: an admin, the project's owner or assignee, its organization's owner
+        (CVAT's maintainers and supervisors are not modelled: the stand-in has no organization roles)."""
+        return (user.admin or user.id in (project.owner_id, project.assignee_id)
+                or self._org_admin(user, project.org_id))
+
+    def _task_staff(self, user: User, task: Task, *, assignee: bool = True) -> bool:
+        """May upload a task's data (``assignee=True``) or delete it: an admin, the task's owner (or assignee,
+        for uploads), the staff of its project, its organization's owner. Other users who can see the task
+        (organization members, job assignees) get 403."""
+        if user.admin or task.owner_id == user.id or (assignee and task.assignee_id == user.id):
+            return True
+        project = self.cvat.projects.get(task.project_id) if task.project_id is not None else None
+        if project is not None and user.id in (project.owner_id, project.assignee_id):
+            return True
+        return self._org_admin(user, task.org_id)
+
+    def task_create(self, ctx: Ctx, m: re.Match[str]) -> Resp:
+        """``POST /api/tasks`` (fixtures 06 and 16): a task without data, owned by the caller, in the caller's
+        organization context; 201 with ``Location``. Errors as CVAT's ``TaskWriteSerializer`` gives them: field
+        errors as a dict (``{"labels": [{"name": ["This field is required."]}]}``), the checks of its
+        ``create()`` as a bare list (``["Label set or project_id must be present"]``)."""
+        user = ctx.user
+        assert user is not None
+        data = ctx.json_body()
+        if not isinstance(data, dict):
+            raise HttpError(json_resp(400, {"non_field_errors": [
+                f"Invalid data. Expected a dictionary, but got {type(data).__name__}."]}))
+        # the permission check (CVAT's TaskPermission) runs before the serializer: create@project
+        project: Project | None = None
+        raw_project = data.get("project_id")
+        if raw_project and _as_int(raw_project) is not None:
+            pid = _as_int(raw_project)
+            project = self.cvat.projects.get(pid)  # type: ignore[arg-type]
+            if project is None:
+                raise HttpError(json_resp(400, [f"Could not find project with provided id: {pid}"]))
+            if not self._project_staff(user, project):
+                raise detail(403, MSG_FORBIDDEN)
+        errors: dict[str, Any] = {}
+        name = _char_field(data, "name", errors, 256)
+        project_id = _int_field(data, "project_id", errors, nullable=True)
+        for key in ("owner_id", "assignee_id"):  # accepted, not applied (the caller owns the task)
+            _int_field(data, key, errors, nullable=True)
+        _char_field(data, "bug_tracker", errors, 2000, required=False, allow_blank=True)
+        overlap = _int_field(data, "overlap", errors, minimum=0, maximum=2147483647, nullable=True)
+        segment_size = _int_field(data, "segment_size", errors, minimum=0, maximum=2147483647)
+        labels = _labels_field(data, errors)
+        subset = _char_field(data, "subset", errors, 64, required=False, allow_blank=True)
+        if errors:
+            raise HttpError(json_resp(400, errors))
+        if not (labels or project_id):
+            raise HttpError(json_resp(400, ["Label set or project_id must be present"]))
+        if labels and project_id:
+            raise HttpError(json_resp(400, ["Project must have only one of Label set or project_id"]))
+        org_id = ctx.org.id if ctx.org else None
+        if project is not None and project.org_id != org_id:
+            raise HttpError(json_resp(400, ["The task and its project should be in the same organization."]))
+        seen: set[str] = set()
+        for label in labels:  # LabelSerializer.create_labels, label by label
+            attr_names = [a["name"] for a in label["attributes"]]
+            dup = next((a for i, a in enumerate(attr_names) if a in attr_names[:i]), None)
+            if dup is not None:
+                raise HttpError(json_resp(400, [f"Duplicate attribute with name '{dup}' exists"]))
+            if label["name"] in seen:
+                raise HttpError(json_resp(400, ["All label names must be unique"]))
+            seen.add(label["name"])
+        tid = self.cvat.add_task(str(name), labels=labels, project_id=project.id if project else None,
+                                 segment_size=segment_size, org=org_id, owner=user.username, overlap=overlap)
+        task = self.cvat.tasks[tid]
+        if subset:
+            task.subset = subset
+        return self.render(ctx, 201, self.task_json(ctx, task), [("location", f"{ctx.base}/api/tasks/{tid}")])
+
+    def task_delete(self, ctx: Ctx, m: re.Match[str]) -> Resp:
+        """``DELETE /api/tasks/{id}``: 204 with an empty body; its jobs, frames and shapes go with it."""
+        task = self.get_task(ctx, int(m.group(1)))
+        if not self._task_staff(ctx.user, task, assignee=False):  # type: ignore[arg-type]
+            raise detail(403, MSG_FORBIDDEN)
+        self.cvat.remove_task(task.id)
+        if task.project_id is not None and task.project_id in self.cvat.projects:
+            self.cvat.projects[task.project_id].updated = self.cvat.now()
+        return Resp(204, b"", None)
+
+    def task_upload_data(self, ctx: Ctx, m: re.Match[str]) -> Resp:
+        """``POST /api/tasks/{id}/data`` (fixture 07): the plain one-request form (multipart ``client_files[i]``,
+        ``image_quality``, ``sorting_method``; no TUS) -> 202 ``{"rq_id": "create:task-<id>"}``. The files are
+        checked and become frames when the request is polled to completion (see :meth:`finish_create`)."""
+        user = ctx.user
+        assert user is not None
+        task = self.get_task(ctx, int(m.group(1)))
+        if not self._task_staff(user, task):
+            raise detail(403, MSG_FORBIDDEN)
+        rq_id = self.create_rq_id(task.id)
+        pending = self.cvat.requests.get(rq_id)
+        if task.has_data or (pending is not None and not pending.done):
+            return self.render(ctx, 400, MSG_MORE_DATA)
+        fields, files = self._data_form(ctx)
+        errors: dict[str, Any] = {}
+        quality = _int_field(fields, "image_quality", errors, minimum=0, maximum=100, required=True)
+        file_errors = [{} if isinstance(f, tuple) else {"file": [MSG_NOT_FILE]} for f in files]
+        if any(file_errors):
+            errors["client_files"] = file_errors
+        sorting = fields.get("sorting_method", "lexicographical")
+        if sorting not in SORTING_METHODS:
+            errors["sorting_method"] = [f'"{sorting}" is not a valid choice.']
+        if errors:
+            raise HttpError(json_resp(400, errors))
+        for key in ("server_files", "remote_files"):
+            if fields.get(key) or any(k.startswith(f"{key}[") and v for k, v in fields.items()):
+                raise HttpError(json_resp(400, [f"The CVAT stand-in takes uploaded client_files only, not {key}"]))
+        uploads = [f for f in files if isinstance(f, tuple)]
+        names = [n for n, _ in uploads]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:  # CVAT would save them over each other in the upload folder
+            raise HttpError(json_resp(400, [f"The CVAT stand-in refuses uploaded files with the same name: {dups}"]))
+        rq = CreateRequest(rq_id=rq_id, task_id=task.id, format="", save_images=False, user_id=user.id,
+                           created=self.cvat.now(), files=uploads, image_quality=int(quality or 0),
+                           sorting_method=str(sorting), project_id=task.project_id)
+        fired = self.cvat.faults.pick("create", ctx.method, ctx.path, ("export_fail",))
+        if fired:
+            rq.fail_message = fired[0].message
+        self.cvat.requests[rq_id] = rq
+        if self.cvat.export_polls <= 0:
+            self.finish(ctx, rq)
+        return self.render(ctx, 202, {"rq_id": rq_id})
+
+    def _data_form(self, ctx: Ctx) -> tuple[dict[str, Any], list[tuple[str, bytes] | str]]:
+        """The ``DataRequest`` fields and the ``client_files`` (by index, as DRF's ``parse_html_list`` orders
+        them; a part without a file name is a string, which the serializer refuses)."""
+        ctype = ctx.headers.get("Content-Type") or ""
+        media = ctype.split(";")[0].strip().lower()
+        fields: dict[str, Any] = {}
+        indexed: dict[int, tuple[str, bytes] | str] = {}
+        if media == "multipart/form-data":
+            for part in parse_multipart(ctx.body, ctype):
+                found = re.fullmatch(r"client_files\[(\d+)\]", part.name)
+                if part.filename is not None:
+                    name = _upload_name(part.filename)
+                    if found and name is not None:  # Django drops a file whose name sanitizes to nothing
+                        indexed[int(found.group(1))] = (name, part.data)
+                else:
+                    fields[part.name] = part.data.decode("utf-8", "replace")
+        elif media == "application/x-www-form-urlencoded":
+            fields = dict(parse_qsl(ctx.body.decode("utf-8", "replace"), keep_blank_values=True))
+        elif media == "application/json" or (not ctx.body and not media):
+            data = ctx.json_body()
+            if not isinstance(data, dict):
+                raise HttpError(json_resp(400, {"non_field_errors": [
+                    f"Invalid data. Expected a dictionary, but got {type(data).__name__}."]}))
+            fields = {k: v for k, v in data.items() if k != "client_files"}
+            given = data.get("client_files") or []
+            indexed = dict(enumerate(str(v) for v in (given if isinstance(given, list) else [given])))
+        else:
+            raise detail(415, f'Unsupported media type "{ctype}" in request.')
+        for key in list(fields):  # form fields named like files: strings, which the serializer refuses
+            found = re.fullmatch(r"client_files\[(\d+)\]", key)
+            if found:
+                indexed.setdefault(int(found.group(1)), str(fields.pop(key)))
+        return fields, [indexed[i] for i in sorted(indexed)]
+
+    def create_request_json(self, rq: CreateRequest) -> dict[str, Any]:
+        """A task-creation request as ``GET /api/requests/{id}`` shows it (fixtures 08 and 09)."""
+        owner = self.cvat.users.get(rq.user_id)
+        status = self.request_status(rq)
+        message = {"started": CREATE_STARTED, "failed": rq.fail_message or ""}.get(status, "")
+        expiry = None
+        if rq.finished is not None:
+            expiry = rq.finished + (CREATE_FAILURE_TTL if rq.failed else CREATE_RESULT_TTL)
+        return {
+            "status": status, "message": message, "id": rq.rq_id,
+            "operation": {"type": "create:task", "target": "task", "project_id": rq.project_id,
+                          "task_id": rq.task_id, "job_id": None, "format": None, "function_id": None},
+            "progress": 0.0, "created_date": iso(rq.created), "started_date": iso(rq.started),
+            "finished_date": iso(rq.finished), "expiry_date": iso(expiry),
+            "owner": {"id": owner.id, "username": owner.username} if owner else None,
+            "result_url": None, "result_id": None,
+        }
+
+    def finish_create(self, rq: CreateRequest) -> None:
+        """Run the task creation: keep the image files (others are skipped, as CVAT skips files whose type is
+        not a media type), sort them, check each is an image, attach them with their jobs. Any failure ends the
+        request ``failed`` with a message in the form CVAT's worker gives (``<ExceptionType>: <text>``); the
+        task is then left without data, as CVAT leaves it."""
+        rq.started = rq.started or self.cvat.now()
+        task = self.cvat.tasks.get(rq.task_id)
+        if rq.fail_message is None and task is None:
+            rq.fail_message = "Task.DoesNotExist: Task matching query does not exist."
+        if rq.fail_message is None and task is not None:
+            try:
+                frames = creation_frames(rq.files, rq.sorting_method, self.cvat.seed)
+                self.cvat.attach_data(task.id, frames, image_quality=rq.image_quality)
+            except CreateFailed as exc:
+                rq.fail_message = str(exc)
+            except StateError as exc:
+                rq.fail_message = f"ValueError: {exc}"
+        rq.files = []
+        rq.failed = rq.fail_message is not None
+        rq.finished = self.cvat.now()
+
     # --- handlers: exports --------------------------------------------------------------------------
 
     def task_export(self, ctx: Ctx, m: re.Match[str]) -> Resp:
@@ -844,7 +1073,8 @@ class Api:
             return not_found_page(ctx.path)
         task = self.get_task(ctx, int(m.group(1)))
         rq = self.cvat.requests.get(ctx.q("rq_id") or "")
-        if rq is None or rq.task_id != task.id or rq.user_id != ctx.user.id:  # type: ignore[union-attr]
+        if rq is None or isinstance(rq, CreateRequest) or rq.task_id != task.id \
+                or rq.user_id != ctx.user.id:  # type: ignore[union-attr]
             return text_resp(400, MSG_UNKNOWN_EXPORT)
         if not rq.done or rq.failed:
             raise HttpError(json_resp(400, ["Export has not finished"]))
@@ -996,11 +1226,293 @@ def _recompress(data: bytes, quality: int) -> bytes:
     """The ``compressed`` frame: the original re-encoded as JPEG at the task's ``image_quality``."""
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as im:
             image = cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise RuntimeError("could not re-encode a frame as JPEG")
     return buf.tobytes()
+
+
+# --- task creation helpers (DRF field rules, multipart, the creation job) --------------------------------
+
+_TRUE = {"t", "y", "yes", "true", "on", "1"}
+_FALSE = {"f", "n", "no", "false", "off", "0"}
+
+
+def _as_int(value: Any) -> int | None:
+    """DRF ``IntegerField``'s parsing: ints, integral floats and numeric strings (``"3"``, ``"3.0"``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return int(re.sub(r"\.0*\s*$", "", str(value)))
+    except ValueError:
+        return None
+
+
+def _char_field(data: dict[str, Any], key: str, errors: dict[str, Any], max_length: int, *, required: bool = True,
+                allow_blank: bool = False) -> str | None:
+    """DRF ``CharField`` (whitespace trimmed); an error goes into ``errors[key]``."""
+    if key not in data:
+        if required:
+            errors[key] = [MSG_REQUIRED]
+        return None
+    value = data[key]
+    if value is None:
+        errors[key] = ["This field may not be null."]
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        errors[key] = ["Not a valid string."]
+        return None
+    text = str(value).strip()
+    if not text and not allow_blank:
+        errors[key] = ["This field may not be blank."]
+        return None
+    if len(text) > max_length:
+        errors[key] = [f"Ensure this field has no more than {max_length} characters."]
+        return None
+    return text
+
+
+def _int_field(data: dict[str, Any], key: str, errors: dict[str, Any], *, minimum: int | None = None,
+               maximum: int | None = None, nullable: bool = False, required: bool = False) -> int | None:
+    """DRF ``IntegerField``; an error goes into ``errors[key]``."""
+    if key not in data:
+        if required:
+            errors[key] = [MSG_REQUIRED]
+        return None
+    if data[key] is None:
+        if not nullable:
+            errors[key] = ["This field may not be null."]
+        return None
+    number = _as_int(data[key])
+    if number is None:
+        errors[key] = ["A valid integer is required."]
+    elif minimum is not None and number < minimum:
+        errors[key] = [f"Ensure this value is greater than or equal to {minimum}."]
+    elif maximum is not None and number > maximum:
+        errors[key] = [f"Ensure this value is less than or equal to {maximum}."]
+    else:
+        return number
+    return None
+
+
+def _labels_field(data: dict[str, Any], errors: dict[str, Any]) -> list[dict[str, Any]]:
+    """``labels`` of a ``TaskWriteRequest`` (``LabelSerializer(many=True)``, attributes by
+    ``AttributeSerializer``): label specs for the state builder, or the errors in DRF's nested shape. The
+    label ``type`` is any string, as in CVAT (README quirk 8); ``id``, ``deleted``, ``sublabels`` and ``svg``
+    are ignored (no skeletons)."""
+    if "labels" not in data:
+        return []
+    raw = data["labels"]
+    if raw is None:
+        errors["labels"] = ["This field may not be null."]
+        return []
+    if not isinstance(raw, list):
+        errors["labels"] = {"non_field_errors": [f'Expected a list of items but got type "{type(raw).__name__}".']}
+        return []
+    specs: list[dict[str, Any]] = []
+    per_label: list[dict[str, Any]] = []
+    for item in raw:
+        err: dict[str, Any] = {}
+        per_label.append(err)
+        if not isinstance(item, dict):
+            err["non_field_errors"] = [f"Invalid data. Expected a dictionary, but got {type(item).__name__}."]
+            continue
+        name = _char_field(item, "name", err, 64)
+        color = _char_field(item, "color", err, 8, required=False, allow_blank=True)
+        attrs = _attributes_field(item, err)
+        kind = _char_field(item, "type", err, 32, required=False, allow_blank=True)
+        spec: dict[str, Any] = {"name": name, "color": color or None, "attributes": attrs}
+        if kind is not None:
+            spec["type"] = kind
+        specs.append(spec)
+    if any(per_label):
+        errors["labels"] = per_label
+    return specs
+
+
+def _attributes_field(label: dict[str, Any], errors: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = label.get("attributes", [])
+    if not isinstance(raw, list):
+        errors["attributes"] = {"non_field_errors": [
+            f'Expected a list of items but got type "{type(raw).__name__}".']}
+        return []
+    out: list[dict[str, Any]] = []
+    per_attr: list[dict[str, Any]] = []
+    for item in raw:
+        err: dict[str, Any] = {}
+        per_attr.append(err)
+        if not isinstance(item, dict):
+            err["non_field_errors"] = [f"Invalid data. Expected a dictionary, but got {type(item).__name__}."]
+            continue
+        name = _char_field(item, "name", err, 64)
+        mutable = item.get("mutable")
+        if "mutable" not in item:
+            err["mutable"] = [MSG_REQUIRED]
+        elif str(mutable).lower() not in _TRUE | _FALSE:
+            err["mutable"] = ["Must be a valid boolean."]
+        if "input_type" not in item:
+            err["input_type"] = [MSG_REQUIRED]
+        elif item["input_type"] not in ATTRIBUTE_TYPES:
+            err["input_type"] = [f'"{item["input_type"]}" is not a valid choice.']
+        default = _char_field(item, "default_value", err, 128, required=False, allow_blank=True)
+        values = item.get("values")
+        if "values" not in item:
+            err["values"] = [MSG_REQUIRED]
+        elif not isinstance(values, list):
+            err["values"] = [f'Expected a list of items but got type "{type(values).__name__}".']
+        out.append({"name": name, "mutable": str(mutable).lower() in _TRUE, "input_type": item.get("input_type"),
+                    "default_value": default or "", "values": [str(v).strip() for v in values or []]})
+    if any(per_attr):
+        errors["attributes"] = per_attr
+    return out
+
+
+@dataclass
+class FormPart:
+    name: str
+    filename: str | None
+    data: bytes
+
+
+def header_params(value: str) -> tuple[str, dict[str, str]]:
+    """A header's value and parameters as Django's ``parse_header_parameters`` reads them: ``;`` outside quotes
+    separates, a quoted value loses its quotes and only ``\\\\`` and ``\\"`` are unescaped (so a Windows path
+    keeps its backslashes), ``name*=utf-8''...`` is percent-decoded."""
+    pieces, current, quoted, escaped = [], "", False, False
+    for char in value:
+        if char == ";" and not quoted:
+            pieces.append(current)
+            current = ""
+            continue
+        current += char
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+    pieces.append(current)
+    params: dict[str, str] = {}
+    for piece in pieces[1:]:
+        key, sep, raw = piece.partition("=")
+        if not sep:
+            continue
+        key, raw = key.strip().lower(), raw.strip()
+        encoded = key.endswith("*") and raw.count("'") == 2
+        key = key.rstrip("*")
+        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+            raw = raw[1:-1].replace("\\\\", "\\").replace('\\"', '"')
+        if encoded:
+            charset, _lang, raw = raw.split("'")
+            raw = unquote(raw, encoding=charset or "utf-8", errors="replace")
+        params[key] = raw
+    return pieces[0].strip().lower(), params
+
+
+def parse_multipart(body: bytes, content_type: str) -> list[FormPart]:
+    """A ``multipart/form-data`` body split into its parts, contents kept byte for byte, header parameters read as
+    Django reads them. A body that is not valid multipart is DRF's 400 ``{"detail": "Multipart form parse error -
+    ..."}``."""
+    boundary = header_params(content_type)[1].get("boundary")
+
+    def refuse(reason: str) -> HttpError:
+        return HttpError(json_resp(400, {"detail": f"Multipart form parse error - {reason}"}))
+
+    if not boundary:
+        raise refuse("Invalid boundary in multipart: None")
+    delim = b"--" + boundary.encode("latin-1", "replace")
+    start = body.find(delim)
+    if start < 0 or (start > 0 and body[start - 2:start] != b"\r\n"):
+        raise refuse("Invalid boundary in multipart: " + boundary)
+    pos = start + len(delim)
+    parts: list[FormPart] = []
+    while body[pos:pos + 2] != b"--":
+        if body[pos:pos + 2] != b"\r\n":
+            raise refuse("Invalid multipart body")
+        pos += 2
+        end = body.find(b"\r\n" + delim, pos)
+        if end < 0:
+            raise refuse("Unexpected end of the multipart body")
+        chunk = body[pos:end]
+        if chunk.startswith(b"\r\n"):
+            head, content = b"", chunk[2:]
+        else:
+            head, sep, content = chunk.partition(b"\r\n\r\n")
+            if not sep:
+                raise refuse("Invalid part headers")
+        disposition = ""
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "content-disposition":
+                disposition = value.strip()
+        kind, params = header_params(disposition)
+        if kind == "form-data" and "name" in params:
+            parts.append(FormPart(params["name"], params.get("filename"), content))
+        pos = end + 2 + len(delim)
+    return parts
+
+
+def _upload_name(filename: str) -> str | None:
+    """The name Django keeps for an uploaded file (``MultiPartParser.sanitize_file_name``): HTML entities
+    decoded, the part after the last ``/`` or ``\\``, printable characters only; None (the part is dropped)
+    for an empty name, ``.`` or ``..``."""
+    name = html.unescape(filename).rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
+    name = "".join(c for c in name if c.isprintable())
+    return None if name in ("", ".", "..") else name
+
+
+class CreateFailed(Exception):
+    """The task-creation job failed; ``str()`` is the request's ``message``."""
+
+
+def _media_kind(name: str) -> str | None:
+    """The media type CVAT's ``get_mime`` gives a file (by its extension); None: not media, skipped."""
+    mime, _encoding = mimetypes.guess_type(name)
+    if mime is None:
+        return None
+    if mime.startswith("image") and not mime.startswith("image/svg"):
+        return "image"
+    if mime.startswith("video"):
+        return "video"
+    if mime == "application/pdf":
+        return "pdf"
+    if mime in ("application/zip", "application/x-tar", "application/gzip", "application/x-7z-compressed",
+                "application/x-rar-compressed", "application/vnd.rar", "application/x-zip-compressed"):
+        return "archive"
+    return None
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p]
+
+
+def creation_frames(files: list[tuple[str, bytes]], sorting_method: str, seed: int = 0) -> list[tuple[str, bytes]]:
+    """The frames a ``POST /data`` upload becomes: images only (other non-media files skipped, as CVAT does),
+    ordered by ``sorting_method`` (``predefined``: as uploaded; ``natural``: digit runs compared as numbers;
+    ``random``: shuffled with the server seed), each checked to be an image. :class:`CreateFailed` with
+    CVAT's messages (no media, an unreadable image) and the stand-in's (videos, PDFs and archives)."""
+    images: list[tuple[str, bytes]] = []
+    for name, data in files:
+        kind = _media_kind(name)
+        if kind == "image":
+            images.append((name, data))
+        elif kind is not None:
+            raise CreateFailed(f"NotImplementedError: the CVAT stand-in creates tasks from images only, not from "
+                               f"a {kind} ({name!r})")
+    if not images:
+        raise CreateFailed("ValueError: No media data found")
+    if sorting_method == "random":
+        random.Random(seed).shuffle(images)
+    elif sorting_method == "natural":
+        images.sort(key=lambda f: _natural_key(f[0]))
+    elif sorting_method != "predefined":
+        images.sort(key=lambda f: f[0])
+    for name, data in images:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.size  # noqa: B018
+        except Exception:
+            raise CreateFailed(f"PIL.UnidentifiedImageError: cannot identify image file '{name}'") from None
+    return images

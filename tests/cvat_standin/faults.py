@@ -16,8 +16,9 @@ Kinds:
   stays chunked and ends without its final chunk).
 - ``"truncate"``: send ``Content-Length`` of the whole body (also for downloads that are normally chunked),
   only ``fraction`` of it, then close.
-- ``"export_fail"``: an export request created by a matching request (route kind ``export``) ends ``failed``
-  with ``message`` when polled to completion.
+- ``"export_fail"``: an export request created by a matching request (route kind ``export``), or a
+  task-creation request created by a matching ``POST /api/tasks/{id}/data`` (route kind ``create``), ends
+  ``failed`` with ``message`` when polled to completion.
 - ``"tamper"`` (a hostile server): the request is handled normally, then ``transform`` rewrites the response
   body: a JSON body is decoded and ``transform(data)`` returns what to send instead (e.g. a job with
   ``stop_frame`` 1e10); any other body (frames, export zips) is given as bytes and ``transform(body)`` returns
@@ -35,8 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAULT_KINDS = ("status", "throttle", "delay", "reset", "drop", "truncate", "export_fail", "tamper")
+# "create": POST /api/tasks and POST /api/tasks/{id}/data (tell them apart with path_contains="/data");
+# "update": the other writes (annotations PUT/PATCH/DELETE, PATCH /api/jobs/{id}, DELETE /api/tasks/{id})
 ROUTE_KINDS = ("server", "auth", "user", "list", "detail", "meta", "frame", "annotations", "export", "request",
-               "download", "update", "unknown")
+               "download", "update", "create", "unknown")
 
 
 @dataclass

@@ -161,6 +161,17 @@ class ExportRequest:
         return self.finished is not None
 
 
+@dataclass
+class CreateRequest(ExportRequest):
+    """The ``create:task-<id>`` request of ``POST /api/tasks/{id}/data``: the uploaded files wait here until the
+    request is polled to completion (the same polling model as exports), then become the task's frames."""
+
+    files: list[tuple[str, bytes]] = field(default_factory=list, repr=False)
+    image_quality: int = 70
+    sorting_method: str = "lexicographical"
+    project_id: int | None = None
+
+
 class CvatState:
     """The stand-in's data and the builder API (see the package docstring for the full list)."""
 
@@ -176,6 +187,7 @@ class CvatState:
         self.jobs: dict[int, Job] = {}
         self.requests: dict[str, ExportRequest] = {}
         self._shape_ids = 0
+        self._high_ids: dict[str, int] = {}
         self._label_ids = 0
         self._data_ids = 0
         self._last_time = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -191,13 +203,17 @@ class CvatState:
             self._last_time = t
             return t
 
-    @staticmethod
-    def _next_id(existing: Any, wanted: int | None, what: str) -> int:
+    def _next_id(self, existing: Any, wanted: int | None, what: str) -> int:
+        """``wanted``, or one more than the highest id of its kind ever given: as with CVAT's database sequences,
+        the id of a deleted task (or job, ...) is not handed out again."""
         if wanted is not None:
             if wanted in existing:
                 raise StateError(f"{what} id {wanted} is already used")
-            return int(wanted)
-        return max(existing, default=0) + 1
+            new = int(wanted)
+        else:
+            new = max(max(existing, default=0), self._high_ids.get(what, 0)) + 1
+        self._high_ids[what] = max(self._high_ids.get(what, 0), new)
+        return new
 
     def _token(self, username: str, salt: str = "key") -> str:
         return hashlib.sha1(f"{self.seed}:{salt}:{username}".encode()).hexdigest()
@@ -334,12 +350,13 @@ class CvatState:
                  segment_size: int | None = None, org: str | int | None = None,
                  id: int | None = None, owner: str | None = None,
                  job_ids: list[int] | None = None, image_quality: int = 70, data_id: int | None = None,
-                 assignee: str | None = None) -> int:
+                 assignee: str | None = None, overlap: int | None = None) -> int:
         """Create a task with its frames (``[(file name, image bytes)]``, served byte for byte as ``original``)
         and its jobs: one per ``segment_size`` frames (0/None: one job), ids from ``job_ids`` when given.
 
         ``labels`` is ignored for a task in a project (it uses the project's labels, like CVAT). With no frames
-        the task looks like one created but never given data (``mode: ""``, no ``size``).
+        the task looks like one created but never given data (``mode: ""``, no ``size``; ``segment_size`` and
+        ``overlap`` as given, 0 and null by default); :meth:`attach_data` gives it frames later.
         """
         with self.lock:
             tid = self._next_id(self.tasks, id, "task")
@@ -349,40 +366,53 @@ class CvatState:
             if project_id is not None and org is None:
                 org_id = self.projects[project_id].org_id
             now = self.now()
-            decoded = [_frame(name, data) for name, data in (frames or [])]
-            names = [f.name for f in decoded]
-            if len(set(names)) != len(names):
-                raise StateError(f"frame names must be unique in a task, got duplicates in {names}")
-            size = len(decoded)
-            seg = int(segment_size or 0)
-            if decoded and (seg <= 0 or seg > size):
-                seg = size
-            data_pk: int | None = None
-            if decoded:
-                data_pk = self._data_ids + 1 if data_id is None else int(data_id)
-                self._data_ids = max(self._data_ids, data_pk)
+            decoded = _decode_frames(frames or [])
             task = Task(id=tid, name=name, owner_id=self._owner(owner).id, org_id=org_id, project_id=project_id,
-                        labels=[], frames=decoded, segment_size=seg, overlap=0 if decoded else None,
-                        image_quality=image_quality, data_id=data_pk, created=now, updated=now,
-                        chunks_updated=now if decoded else None,
-                        assignee_id=self.user_by_name(assignee).id if assignee else None)
+                        labels=[], frames=[], segment_size=int(segment_size or 0), overlap=overlap,
+                        image_quality=image_quality, data_id=None, created=now, updated=now,
+                        chunks_updated=None, assignee_id=self.user_by_name(assignee).id if assignee else None)
             if project_id is None:
                 task.labels = self._make_labels(labels or [], tid, None)
             self.tasks[tid] = task
             if decoded:
-                starts = list(range(0, size, seg))
-                if job_ids is not None and len(job_ids) != len(starts):
-                    raise StateError(f"task {name!r} gets {len(starts)} jobs, but {len(job_ids)} job ids were given")
-                for index, start in enumerate(starts):
-                    jid = self._next_id(self.jobs, job_ids[index] if job_ids else None, "job")
-                    jnow = self.now()
-                    self.jobs[jid] = Job(id=jid, task_id=tid, start_frame=start,
-                                         stop_frame=min(start + seg, size) - 1, created=jnow, updated=jnow)
-                    task.jobs.append(jid)
-                task.updated = self.now()
+                self._attach(task, decoded, image_quality, job_ids, data_id, chunks_at=now)
             if project_id is not None:
                 self.projects[project_id].updated = self.now()
             return tid
+
+    def attach_data(self, task_id: int, frames: list[tuple[str, bytes]], *, image_quality: int = 70,
+                    job_ids: list[int] | None = None, data_id: int | None = None) -> None:
+        """Give a task created without frames its frames and jobs, as a finished ``POST /api/tasks/{id}/data``
+        does: jobs of the task's ``segment_size`` frames (0, or more than there are: one job), ``overlap``
+        capped at half a segment (0 when not set), both then stored as used (CVAT writes them back)."""
+        with self.lock:
+            task = self.task(task_id)
+            if task.has_data:
+                raise StateError(f"task {task_id} already has data")
+            decoded = _decode_frames(frames)
+            if not decoded:
+                raise StateError("no frames to attach")
+            self._attach(task, decoded, image_quality, job_ids, data_id)
+
+    def _attach(self, task: Task, decoded: list[Frame], image_quality: int, job_ids: list[int] | None,
+                data_id: int | None, chunks_at: datetime | None = None) -> None:
+        size = len(decoded)
+        seg, overlap, segments = _segments(size, task.segment_size, task.overlap)
+        if job_ids is not None and len(job_ids) != len(segments):
+            raise StateError(f"task {task.name!r} gets {len(segments)} jobs, but {len(job_ids)} job ids were given")
+        data_pk = self._data_ids + 1 if data_id is None else int(data_id)
+        self._data_ids = max(self._data_ids, data_pk)
+        task.frames = decoded
+        task.segment_size, task.overlap = seg, overlap
+        task.image_quality, task.data_id = int(image_quality), data_pk
+        task.chunks_updated = chunks_at or self.now()
+        for index, (start, stop) in enumerate(segments):
+            jid = self._next_id(self.jobs, job_ids[index] if job_ids else None, "job")
+            jnow = self.now()
+            self.jobs[jid] = Job(id=jid, task_id=task.id, start_frame=start, stop_frame=stop, created=jnow,
+                                 updated=jnow)
+            task.jobs.append(jid)
+        task.updated = self.now()
 
     def task(self, task_id: int) -> Task:
         try:
@@ -591,6 +621,26 @@ _PALETTE = ("#33ddff", "#fa3253", "#34d1b7", "#ff007c", "#ff6037", "#ddff33", "#
 
 def _color(index: int) -> str:
     return _PALETTE[index % len(_PALETTE)]
+
+
+def _decode_frames(frames: list[tuple[str, bytes]]) -> list[Frame]:
+    decoded = [_frame(name, data) for name, data in frames]
+    names = [f.name for f in decoded]
+    if len(set(names)) != len(names):
+        raise StateError(f"frame names must be unique in a task, got duplicates in {names}")
+    return decoded
+
+
+def _segments(size: int, segment_size: int, overlap: int | None) -> tuple[int, int, list[tuple[int, int]]]:
+    """CVAT 2.23's ``_get_task_segment_data`` for an image task: ``(segment_size, overlap, [(start, stop)])``."""
+    seg = int(segment_size or 0)
+    if seg <= 0 or seg > size:
+        seg, step = size, size + 1  # one segment (CVAT: step = sys.maxsize)
+    else:
+        step = seg
+    used = min(int(overlap), seg // 2) if overlap is not None else 0
+    step -= used
+    return seg, used, [(start, min(start + seg - 1, size - 1)) for start in range(0, size - used, step)]
 
 
 def _frame(name: str, data: bytes) -> Frame:

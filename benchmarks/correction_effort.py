@@ -1,0 +1,308 @@
+"""The expert's corrections, measured: edits per frame as frames are corrected, random vs ranked order (issue 14).
+
+For a public set (its training split is the pool CVAT task, its test split the held-back frames), for each
+seed and each order, :class:`trainer.correction_sim.Simulation` runs the product's loop against a CVAT stand-in
+on 127.0.0.1: the function pre-annotates, a simulated expert corrects a batch of ``--batch`` frames (chosen at
+random, or ranked by ``python -m cvat_sync rank``'s uncertainty and put in a new task), ``python -m trainer
+retrain`` pulls, fine-tunes, gates and promotes, the function hot-reloads. After every cycle the edits the
+expert would make on the held-back frames are counted (:mod:`trainer.correction_effort`: delete a false cell,
+draw a missed one, redraw an outline under ``--redraw-iou`` mask IoU; class-agnostic).
+
+Before the runs, the uncertainty signals are measured against the edits they should predict: the start bundle
+pre-annotates every pool frame, and each signal's Spearman correlation with that frame's edits is computed
+(permutation p-value). The ranked order uses the signals that predict edits (rho > 0, p < 0.05, non-zero on
+>= 5 frames).
+
+    python benchmarks/correction_effort.py --set bccd --start runs/loso-bccd/served --data-root ../shared/data \\
+        --seeds 0 1 2 --batch 10 --cycles 3 --minutes 2.5 --out benchmarks/results
+
+Writes ``correction_effort.json`` (keys ``sets``, ``batch``, ``seeds``, ``curves``, ``scratch_edits_per_frame``,
+``frames_to_25pct``, ``total_edits``, ``cycle_seconds``, ``signals``, ``runs``, ``command``) and
+``correction_effort.png``. Every finished run is kept in ``--work``/runs.json, so an interrupted benchmark
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("correction_effort")
+TARGET_RATIO = 0.25          # edits per frame after 30 corrected frames, as a share of from-scratch
+TARGET_RANKED_SAVING = 0.20  # ranked order: fewer total edits than random by at least this share
+TARGET_FRAMES = 30
+MIN_NONZERO_FRAMES = 5       # a signal seen on fewer pool frames is not kept, whatever its correlation
+
+
+def load_split(name: str, data_root: Path, split: str) -> Any:
+    from benchmarks.generalisation import load_set
+
+    return load_set(name, data_root, split)
+
+
+# --- which signals predict edits ------------------------------------------------------------------------------
+
+def spearman(x: np.ndarray, y: np.ndarray, permutations: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Spearman's rho (average ranks for ties) and a one-sided permutation p-value for rho > 0."""
+    def ranks(v: np.ndarray) -> np.ndarray:
+        order = np.argsort(v, kind="mergesort")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for value in np.unique(v):
+            same = v == value
+            r[same] = r[same].mean()
+        return r
+
+    rx, ry = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0, 1.0
+    rho = float(np.corrcoef(rx, ry)[0, 1])
+    rng = np.random.default_rng(seed)
+    null = np.array([np.corrcoef(rx, rng.permutation(ry))[0, 1] for _ in range(permutations)])
+    return rho, float((np.sum(null >= rho) + 1) / (permutations + 1))
+
+
+def signal_study(bundle: Path, pool: Any, rules: Any, progress: bool) -> dict[str, Any]:
+    """Each signal (and their equal-weight sum) against the edits of every pool frame, pre-annotated by ``bundle``."""
+    from tqdm import tqdm
+
+    from trainer.correction_effort import count_edits, instances_from_cvat_results
+    from wbc_core.bundle import load_bundle
+    from wbc_core.cvat_json import detection_to_cvat_results
+    from wbc_core.data.images import read_rgb
+    from wbc_core.detect import Predictor
+    from wbc_core.uncertainty import SIGNALS, FrameUncertainty, frame_uncertainty, scores
+
+    predictor = Predictor(load_bundle(bundle))
+    rows = []
+    t0 = time.perf_counter()
+    for record in tqdm(pool.images, desc="signals vs edits", unit="frame", disable=not progress):
+        image, _ = read_rgb(record.path)
+        detection, signals = frame_uncertainty(predictor, image)
+        predicted = instances_from_cvat_results(detection_to_cvat_results(detection))
+        edits = count_edits(predicted, record.instances, record.height, record.width, rules).edits
+        rows.append({**signals.to_dict(), "edits": edits})
+    combined = scores([FrameUncertainty(**{k: v for k, v in r.items() if k != "edits"}) for r in rows])
+    edits = np.array([r["edits"] for r in rows], float)
+    out: dict[str, Any] = {"frames": len(rows), "bundle": str(bundle), "seconds": round(time.perf_counter() - t0, 1),
+                           "mean_edits": float(edits.mean()), "per_signal": {}}
+    for name in (*SIGNALS, "sum"):
+        values = np.array(combined if name == "sum" else [r[name] or 0 for r in rows], float)
+        rho, p = spearman(values, edits)
+        some = values > 0
+        out["per_signal"][name] = {"rho": round(rho, 3), "p": round(p, 4), "mean": float(values.mean()),
+                                   "frames_nonzero": int(some.sum()),
+                                   "edits_when_nonzero": float(edits[some].mean()) if some.any() else None,
+                                   "edits_when_zero": float(edits[~some].mean()) if (~some).any() else None}
+    kept = [s for s in SIGNALS if out["per_signal"][s]["rho"] > 0 and out["per_signal"][s]["p"] < 0.05
+            and out["per_signal"][s]["frames_nonzero"] >= MIN_NONZERO_FRAMES]
+    out["kept"] = kept
+    out["weights"] = {s: (1.0 if s in kept else 0.0) for s in SIGNALS} if kept else {s: 1.0 for s in SIGNALS}
+    return out
+
+
+# --- one run --------------------------------------------------------------------------------------------------
+
+def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: Any, weights: dict[str, float] | None,
+            work: Path) -> dict[str, Any]:
+    from cvat_sync.client import CvatClient
+    from cvat_sync.config import Secret, Settings
+    from tests.cvat_standin import StandinCVAT
+    from trainer.correction_effort import EditRules
+    from trainer.correction_sim import WBC_LABEL, Simulation, SimulationConfig, child_env
+    from wbc_core.bundle import load_bundle
+
+    rules = EditRules(redraw_iou=args.redraw_iou, check_labels=False)
+    cfg = SimulationConfig(order=order, seed=seed, batch=args.batch, cycles=args.cycles, minutes=args.minutes,
+                           start=str(args.start) if args.start else None, rules=rules, weights=weights)
+    bundle_labels = list(load_bundle(args.start).contract.labels) if args.start else []
+    labels = [{"name": n, "type": "any"} for n in dict.fromkeys([WBC_LABEL, *bundle_labels])]
+    with StandinCVAT(seed=seed) as cvat:
+        settings = Settings(url=cvat.url, token=Secret(cvat.admin_token))
+        with CvatClient(settings) as client:
+            created = client.create_task(f"{args.set} pool", labels)
+            client.upload_task_images(created["id"], [(r.name, r.path.read_bytes()) for r in pool.images],
+                                      sorting_method="predefined")
+            sim = Simulation(cfg, client, created["id"], pool, held, work, child_env(cvat.url, cvat.admin_token),
+                             progress=args.progress)
+            return sim.run()
+
+
+# --- aggregation ----------------------------------------------------------------------------------------------
+
+def aggregate(runs: list[dict[str, Any]], orders: list[str], scratch: float) -> dict[str, Any]:
+    curves, reach, totals, totals_all, cycle_s = {}, {}, {}, {}, []
+    for order in orders:
+        mine = [r for r in runs if r["order"] == order]
+        if not mine:
+            continue
+        frames = [p["corrected"] for p in mine[0]["result"]["curve"]]
+        eps = np.array([[p["edits_per_frame"] for p in r["result"]["curve"]] for r in mine])
+        ratio = np.array([[p["ratio_to_scratch"] or 0.0 for p in r["result"]["curve"]] for r in mine])
+        curves[order] = {"frames": frames, "edits_per_frame": {"mean": eps.mean(0).round(4).tolist(),
+                                                               "sd": eps.std(0).round(4).tolist()},
+                         "ratio_to_scratch": {"mean": ratio.mean(0).round(4).tolist(),
+                                              "sd": ratio.std(0).round(4).tolist()},
+                         "accepted_per_frame": {"mean": np.mean([[p["accepted_per_frame"] for p in r["result"]["curve"]]
+                                                                 for r in mine], 0).round(4).tolist()}}
+        per_seed_reach, per_seed_total = [], []
+        for r in mine:
+            hit = next((p["corrected"] for p in r["result"]["curve"] if (p["ratio_to_scratch"] or 0) <= TARGET_RATIO),
+                       None)
+            per_seed_reach.append(hit)
+            spent = r["result"]["batch_edits"]
+            n = len(spent) if hit is None else hit // r["result"]["config"]["batch"]
+            per_seed_total.append(int(sum(spent[:n])))
+        reached = [h for h in per_seed_reach if h is not None]
+        reach[order] = {"per_seed": per_seed_reach, "mean": float(np.mean(reached)) if reached else None,
+                        "seeds_reaching": len(reached)}
+        totals[order] = {"per_seed": per_seed_total, "mean": float(np.mean(per_seed_total)),
+                         "sd": float(np.std(per_seed_total)),
+                         "note": "edits spent correcting frames until the held-back frames needed <= 25% of "
+                                 "from-scratch (all corrected frames when never reached)"}
+        all_spent = [int(sum(r["result"]["batch_edits"])) for r in mine]
+        totals_all[order] = {"per_seed": all_spent, "mean": float(np.mean(all_spent)), "sd": float(np.std(all_spent))}
+        cycle_s += [c["cycle_seconds"] for r in mine for c in r["result"]["cycles"]]
+    return {"curves": curves, "frames_to_25pct": reach, "total_edits": totals, "total_edits_all_frames": totals_all,
+            "scratch_edits_per_frame": scratch,
+            "cycle_seconds": {"mean": float(np.mean(cycle_s)) if cycle_s else None,
+                              "max": float(np.max(cycle_s)) if cycle_s else None, "n": len(cycle_s)}}
+
+
+def judge(result: dict[str, Any]) -> dict[str, Any]:
+    met: dict[str, Any] = {}
+    for order, curve in result["curves"].items():
+        if TARGET_FRAMES in curve["frames"]:
+            i = curve["frames"].index(TARGET_FRAMES)
+            met[f"{order}_ratio_at_{TARGET_FRAMES}"] = curve["ratio_to_scratch"]["mean"][i]
+            met[f"{order}_ratio_at_{TARGET_FRAMES}_met"] = curve["ratio_to_scratch"]["mean"][i] <= TARGET_RATIO
+    totals = result["total_edits"]
+    if "random" in totals and "ranked" in totals and totals["random"]["mean"] > 0:
+        saving = 1 - totals["ranked"]["mean"] / totals["random"]["mean"]
+        met["ranked_saving"] = round(saving, 4)
+        met["ranked_saving_met"] = saving >= TARGET_RANKED_SAVING
+    return met
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = {"random": "tab:grey", "ranked": "tab:blue"}
+    for order, curve in result["curves"].items():
+        x = np.array(curve["frames"])
+        m, sd = np.array(curve["edits_per_frame"]["mean"]), np.array(curve["edits_per_frame"]["sd"])
+        ax.plot(x, m, "o-", color=colours.get(order), label=f"{order} order (mean of {len(result['seeds'])} seeds)")
+        ax.fill_between(x, m - sd, m + sd, color=colours.get(order), alpha=0.2)
+    scratch = result["scratch_edits_per_frame"]
+    ax.axhline(scratch, color="black", ls=":", lw=1, label=f"from scratch ({scratch:.2f})")
+    ax.axhline(scratch * TARGET_RATIO, color="red", ls="--", lw=1, label="target: 25% of from scratch")
+    ax.set_xlabel("frames corrected by the expert")
+    ax.set_ylabel("edits per held-back frame")
+    ax.set_ylim(bottom=0)
+    start = result.get("start") or "no model"
+    ax.set_title(f"{', '.join(result['sets'])}: expert edits, a retrain every {result['batch']} frames, starting from "
+                 f"{start}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="bccd", choices=("bccd",), help="the public set (needs outlines: bccd)")
+    ap.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--start", type=Path, help="bundle served before the first correction (default: no model)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--orders", nargs="+", default=["random", "ranked"], choices=("random", "ranked"))
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--minutes", type=float, default=2.5, help="fine-tuning budget per retrain cycle")
+    ap.add_argument("--redraw-iou", type=float, default=0.85)
+    ap.add_argument("--pool-frames", type=int, help="use this many frames of the training split (seeded choice)")
+    ap.add_argument("--held-frames", type=int, help="use this many frames of the test split (seeded choice)")
+    ap.add_argument("--work", type=Path, default=Path("runs/correction-effort"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--name", default="correction_effort", help="result file names: NAME.json, NAME.png")
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="only redraw OUT/NAME.png from OUT/NAME.json")
+    args = ap.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.out / f"{args.name}.json").read_text()), args.out / f"{args.name}.png")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from trainer.correction_effort import EditRules
+    from trainer.multiset import subset_frames
+
+    t_all = time.perf_counter()
+    pool = load_split(args.set, args.data_root, "train")
+    held = load_split(args.set, args.data_root, "test")
+    rng = np.random.default_rng(1234)
+    if args.pool_frames and args.pool_frames < len(pool.images):
+        pool = subset_frames(pool, sorted(rng.choice(len(pool.images), args.pool_frames, replace=False).tolist()))
+    if args.held_frames and args.held_frames < len(held.images):
+        held = subset_frames(held, sorted(rng.choice(len(held.images), args.held_frames, replace=False).tolist()))
+    args.work.mkdir(parents=True, exist_ok=True)
+    state_path = args.work / "runs.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"runs": []}
+    rules = EditRules(redraw_iou=args.redraw_iou, check_labels=False)
+    if "signals" not in state and args.start and "ranked" in args.orders:
+        state["signals"] = signal_study(args.start, pool, rules, args.progress)
+        state_path.write_text(json.dumps(state, indent=1))
+        log.info("signals vs edits: %s; kept %s", {k: v["rho"] for k, v in state["signals"]["per_signal"].items()},
+                 state["signals"]["kept"])
+    weights = state.get("signals", {}).get("weights")
+    for seed in args.seeds:
+        for order in args.orders:
+            if any(r["order"] == order and r["seed"] == seed for r in state["runs"]):
+                log.info("%s seed %d: done in an earlier run, kept", order, seed)
+                continue
+            t0 = time.perf_counter()
+            result = run_one(order, seed, args, pool, held, weights, args.work / f"{order}-seed{seed}")
+            state["runs"].append({"order": order, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+                                  "result": result})
+            state_path.write_text(json.dumps(state, indent=1, default=str))
+    runs = [r for r in state["runs"] if r["seed"] in args.seeds and r["order"] in args.orders]
+    scratch = runs[0]["result"]["curve"][0]["scratch_edits_per_frame"] if runs else 0.0
+    result: dict[str, Any] = {
+        "sets": [args.set], "batch": args.batch, "seeds": args.seeds, "cycles": args.cycles,
+        "start": str(args.start) if args.start else None, "minutes_per_cycle": args.minutes,
+        "pool_frames": len(pool.images), "held_back_frames": len(held.images),
+        "rules": {"redraw_iou": args.redraw_iou, "match_iou": rules.match_iou, "labels": "class-agnostic"},
+        **aggregate(runs, args.orders, scratch),
+        "signals": state.get("signals"),
+        "runs": [{"order": r["order"], "seed": r["seed"], "seconds": r["seconds"],
+                  "curve": [{k: p[k] for k in ("corrected", "version", "edits_per_frame", "ratio_to_scratch",
+                                               "accepted_per_frame")} for p in r["result"]["curve"]],
+                  "batch_edits": r["result"]["batch_edits"],
+                  "cycles": r["result"]["cycles"]} for r in runs],
+        "targets": {"ratio_at_30_frames": TARGET_RATIO, "ranked_saving": TARGET_RANKED_SAVING},
+        "seconds": round(time.perf_counter() - t_all, 1),
+        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/correction_effort.py",
+                                                                 *(argv if argv is not None else sys.argv[1:])]),
+    }
+    result["met"] = judge(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    plot(result, args.out / f"{args.name}.png")
+    log.info("met: %s", result["met"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

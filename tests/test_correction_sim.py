@@ -1,0 +1,120 @@
+"""The simulated correction loop (issue 14), end to end on tiny data: the function pre-annotates, the simulated
+expert corrects a batch in a new CVAT task (stand-in, real HTTP), ``python -m trainer retrain`` runs as a
+subprocess, the function hot-reloads what was promoted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cvat_sync.client import CvatClient
+from cvat_sync.config import Secret, Settings
+from tests.cvat_standin import StandinCVAT
+from tests.test_retrain import TINY_SEGMENTER
+from tests.tiny_models import blob_segmenter
+from trainer.correction_effort import EditRules
+from trainer.correction_sim import WBC_LABEL, Annotator, Simulation, SimulationConfig, child_env
+from trainer.synthetic import generate_task
+from wbc_core.bundle import write_bundle
+from wbc_core.data.masks import cvat_rle_decode
+from wbc_core.data.types import AnnotatedDataset
+
+
+def _data(folder: Path, n: int, seed: int) -> AnnotatedDataset:
+    data = generate_task(folder, n_images=n, width=320, height=240, seed=seed)
+    for record in data.images:           # class-agnostic truth, as the benchmark uses
+        for cell in record.instances:
+            cell.label = WBC_LABEL
+        record.path = folder / "images" / record.name
+    return data
+
+
+def _simulation(tmp_path: Path, order: str, start: Path | None, pool: AnnotatedDataset, held: AnnotatedDataset
+                ) -> tuple[StandinCVAT, Simulation]:
+    seg = tmp_path / f"segmenter-{order}.yaml"
+    seg.write_text(yaml.safe_dump({**TINY_SEGMENTER, "train": {**TINY_SEGMENTER["train"], "epochs": 2}}))
+    cfg = SimulationConfig(order=order, seed=3, batch=4, cycles=1, minutes=0.2, start=str(start) if start else None,
+                           segmenter_config=str(seg), val_fraction=0.5,
+                           gate={"max_drop": {"mask_ap_any": 1.0}, "min": {"mask_ap_any": 0.0}})
+    cvat = StandinCVAT(seed=3).start()
+    client = CvatClient(Settings(url=cvat.url, token=Secret(cvat.admin_token)))
+    created = client.create_task("pool", [{"name": WBC_LABEL, "type": "any"}])
+    client.upload_task_images(created["id"], [(r.name, r.path.read_bytes()) for r in pool.images])
+    env = {**child_env(cvat.url, cvat.admin_token), "WBC_NUM_THREADS": "2"}
+    env.pop("CVAT_ACCESS_TOKEN", None)
+    return cvat, Simulation(cfg, client, created["id"], pool, held, tmp_path / order, env)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[AnnotatedDataset, AnnotatedDataset]:
+    root = tmp_path_factory.mktemp("sim")
+    return _data(root / "pool", 8, 21), _data(root / "held", 3, 22)
+
+
+def test_from_no_model_every_cell_is_drawn_then_a_retrain_serves_a_model(
+        tmp_path: Path, sets: tuple[AnnotatedDataset, AnnotatedDataset]) -> None:
+    pool, held = sets
+    cvat, sim = _simulation(tmp_path, "random", None, pool, held)
+    try:
+        result = sim.run()
+        first, after = result["curve"]
+        assert first["corrected"] == 0 and first["version"] is None
+        assert first["edits_per_frame"] == first["scratch_edits_per_frame"] > 0  # nothing shown: all drawn
+        assert after["corrected"] == 4
+        (cycle,) = result["cycles"]
+        assert cycle["retrain"]["decision"] in ("promoted", "refused", "skipped: no validation frames yet")
+        # the corrected batch is a CVAT task with the true cells as masks, its jobs completed
+        task = cvat.task(cycle["task"])
+        assert [f.name for f in task.frames] == result["batches"][0]["frames_names"]
+        truth = {r.name: r for r in pool.images}
+        assert len(task.shapes) == sum(len(truth[f.name].instances) for f in task.frames)
+        assert all(cvat.job(j).state == "completed" for j in task.jobs)
+        assert result["batch_edits"] == [sum(len(truth[f.name].instances) for f in task.frames)]
+        if cycle["retrain"]["decision"] == "promoted":
+            assert after["version"] == sim.registry.current() == "v0001"
+            assert sim.handler is not None and sim.handler.bundle_path.name == "v0001"  # served after the reload
+    finally:
+        cvat.stop()
+
+
+def test_ranked_order_queues_the_frames_rank_put_first(tmp_path: Path,
+                                                       sets: tuple[AnnotatedDataset, AnnotatedDataset]) -> None:
+    torch.set_num_threads(1)
+    cfg, model = blob_segmenter(1, seed=4)
+    start = write_bundle(tmp_path / "start", model, [WBC_LABEL], cfg, 0.02)
+    pool, held = sets
+    cvat, sim = _simulation(tmp_path, "ranked", start, pool, held)
+    try:
+        sim.reload()  # the start bundle is v0001 of the registry, and the function serves it
+        assert sim.registry.current() == "v0001" and sim.handler is not None
+        created = sim.choose(4)
+        ranking = json.loads((sim.work / "rank" / "ranking.json").read_text())
+        top = [r["name"] for r in ranking["ranking"][:4]]
+        assert created["frames"] == top == [f.name for f in cvat.task(created["id"]).frames]
+        edits = sim.correct(created)
+        assert len(edits) == 4 and sim.corrected == top and sim.batch_tasks == [created["id"]]
+        again = sim.choose(4)  # the next batch skips the frames already queued
+        assert not set(again["frames"]) & set(top)
+    finally:
+        cvat.stop()
+
+
+def test_the_annotator_saves_exactly_the_true_outlines(sets: tuple[AnnotatedDataset, AnnotatedDataset]) -> None:
+    pool, _ = sets
+    annotator = Annotator(pool, EditRules(check_labels=False))
+    record = pool.images[0]
+    shapes = annotator.shapes(record.name, label_id=7)
+    assert len(shapes) == len(record.instances) and all(s["label_id"] == 7 for s in shapes)
+    for shape, cell in zip(shapes, record.instances, strict=True):
+        *rle, left, top, right, bottom = shape["points"]
+        crop = cvat_rle_decode(rle, right - left + 1, bottom - top + 1)
+        full = np.zeros((record.height, record.width), bool)
+        full[top:bottom + 1, left:right + 1] = crop
+        assert np.array_equal(full, cell.to_mask(record.height, record.width))
+    perfect = annotator.edits(record, None)
+    assert perfect.drawn == len(record.instances) and perfect.accepted == 0

@@ -1,0 +1,141 @@
+"""``python -m cvat_sync rank``: ranking a CVAT task's unannotated frames and queueing the top ones in a new task,
+over real HTTP against the CVAT stand-in, with a real (tiny) bundle through the real ``detect``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvat_sync.__main__ import main as cvat_sync_main
+from cvat_sync.client import CvatClient, CvatError, RetryPolicy
+from cvat_sync.config import Secret, Settings
+from cvat_sync.rank import QUEUED_JSON, RANKING_CSV, RANKING_JSON, RankError, RankOptions, annotated_frames, rank_task
+from tests.cvat_standin import StandinCVAT
+from tests.standin_fixtures import small_jpeg
+from tests.tiny_models import blob_segmenter
+from wbc_core.bundle import write_bundle
+from wbc_core.detect import Predictor
+
+FRAMES = [(f"slide_{i}.jpg", small_jpeg(i, 256, 192)) for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    cfg, model = blob_segmenter(1)
+    return write_bundle(tmp_path_factory.mktemp("rank") / "bundle", model, ["wbc"], cfg, 0.02)
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle: Path) -> Predictor:
+    return Predictor(bundle, device="cpu")
+
+
+def _client(cvat: StandinCVAT, attempts: int = 2) -> CvatClient:
+    return CvatClient(Settings(url=cvat.url, token=Secret(cvat.admin_token)),
+                      retry=RetryPolicy(attempts=attempts, read_timeout=10, backoff=0.01))
+
+
+def _task(cvat: StandinCVAT, labels: list[str] | None = None, frames: list | None = None) -> int:
+    tid = cvat.add_task("smears", frames=FRAMES if frames is None else frames,
+                        labels=[{"name": n, "type": "any"} for n in labels or ["wbc", "rbc"]])
+    return tid
+
+
+def test_rank_skips_annotated_frames_queues_the_top_ones_and_then_says_nothing_is_left(
+        tmp_path: Path, predictor: Predictor) -> None:
+    with StandinCVAT() as cvat, _client(cvat) as client:
+        tid = _task(cvat)
+        label = {lab.name: lab.id for lab in cvat.task_labels(cvat.task(tid))}["wbc"]
+        cvat.set_annotations(tid, [{"type": "rectangle", "frame": 1, "label_id": label, "points": [1, 1, 20, 20]}])
+        out = tmp_path / "rank"
+        first = rank_task(client, tid, predictor, RankOptions(out=out, create_task=2, progress=False))
+        ranked = [r["frame"] for r in first["ranking"]]
+        assert sorted(ranked) == [0, 2, 3, 4] and first["frames_annotated"] == 1
+        scores = [r["score"] for r in first["ranking"]]
+        assert scores == sorted(scores, reverse=True) and [r["rank"] for r in first["ranking"]] == [1, 2, 3, 4]
+        assert json.loads((out / RANKING_JSON).read_text()) == first
+        assert len((out / RANKING_CSV).read_text().splitlines()) == 1 + 4
+
+        created = first["created_task"]
+        new = cvat.task(created["id"])
+        assert [f.name for f in new.frames] == [FRAMES[n][0] for n in ranked[:2]] == created["frames"]
+        assert [f.data for f in new.frames] == [FRAMES[n][1] for n in ranked[:2]]  # the original bytes
+        assert [lab.name for lab in cvat.task_labels(new)] == ["wbc", "rbc"]
+        assert json.loads((out / QUEUED_JSON).read_text()) == {str(tid): [{"task": created["id"],
+                                                                          "frames": created["frames"]}]}
+
+        second = rank_task(client, tid, predictor, RankOptions(out=out, create_task=2, progress=False))
+        assert sorted(r["frame"] for r in second["ranking"]) == sorted(ranked[2:])
+        tasks_before = len(cvat.tasks)
+        with pytest.raises(RankError, match="every frame is already annotated or queued"):
+            rank_task(client, tid, predictor, RankOptions(out=out, create_task=2, progress=False))
+        assert json.loads((out / RANKING_JSON).read_text()) == second and len(cvat.tasks) == tasks_before
+
+
+def test_refusals_name_the_problem_and_write_nothing(tmp_path: Path, predictor: Predictor) -> None:
+    out = tmp_path / "rank"
+    with StandinCVAT() as cvat, _client(cvat) as client:
+        empty = _task(cvat, frames=[])
+        with pytest.raises(RankError, match="has no frames"):
+            rank_task(client, empty, predictor, RankOptions(out=out, progress=False))
+        other = _task(cvat, labels=["neutrophil", "lymphocyte"])
+        with pytest.raises(RankError, match=r"none of the bundle's \(wbc\)"):
+            rank_task(client, other, predictor, RankOptions(out=out, create_task=2, progress=False))
+        done = _task(cvat)
+        label = {lab.name: lab.id for lab in cvat.task_labels(cvat.task(done))}["wbc"]
+        cvat.set_annotations(done, [{"type": "rectangle", "frame": f, "label_id": label, "points": [1, 1, 9, 9]}
+                                    for f in range(len(FRAMES))])
+        with pytest.raises(RankError, match="already annotated"):
+            rank_task(client, done, predictor, RankOptions(out=out, progress=False))
+        assert len(cvat.tasks) == 3
+    assert not out.exists()
+
+
+def test_a_server_that_goes_away_or_a_failed_upload_leaves_nothing(tmp_path: Path, predictor: Predictor) -> None:
+    out = tmp_path / "rank"
+    with StandinCVAT() as cvat, _client(cvat) as client:
+        tid = _task(cvat)
+        fault = cvat.add_fault("reset", "frame", times=None)
+        with pytest.raises(CvatError, match="failed 2 times"):
+            rank_task(client, tid, predictor, RankOptions(out=out, create_task=2, progress=False))
+        cvat.remove_fault(fault)
+        assert not out.exists() and len(cvat.tasks) == 1
+
+        cvat.add_fault("export_fail", "create", message="the uploaded files are broken")
+        with pytest.raises(CvatError, match="broken"):
+            rank_task(client, tid, predictor, RankOptions(out=out, create_task=2, progress=False))
+        assert len(cvat.tasks) == 1, "the half-made task must be deleted"
+        assert not out.exists()
+
+
+def test_annotated_frames_reads_shapes_tags_and_tracks() -> None:
+    annotations = {"shapes": [{"frame": 2}], "tags": [{"frame": 5}],
+                   "tracks": [{"shapes": [{"frame": 7, "outside": False}, {"frame": 9, "outside": True}]}]}
+    assert annotated_frames(annotations) == {2, 5, 7}
+    assert annotated_frames(None) == set() and annotated_frames({"shapes": [{"frame": "x"}]}) == set()
+
+
+def test_the_command_line(tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    with StandinCVAT() as cvat:
+        tid = _task(cvat)
+        monkeypatch.setenv("CVAT_URL", cvat.url)
+        monkeypatch.setenv("CVAT_TOKEN", cvat.admin_token)
+        for key in ("CVAT_ACCESS_TOKEN", "CVAT_USERNAME", "CVAT_PASSWORD", "CVAT_ORG", "CVAT_SYNC_CONFIG"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        out = tmp_path / "ranked"
+        assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--out", str(out),
+                               "--create-task", "3", "--no-progress", "--weight", "low_score=2"]) == 0
+        text = capsys.readouterr().out
+        assert "5 frames ranked" in text and "created task" in text and cvat.admin_token not in text
+        record = json.loads((out / RANKING_JSON).read_text())
+        assert record["weights"]["low_score"] == 2.0 and len(record["created_task"]["frames"]) == 3
+        assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--weight", "nope=1"]) == 2
+        assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(tmp_path / "missing")]) == 2
+        assert cvat_sync_main(["rank", "--task", "999", "--bundle", str(bundle), "--out", str(tmp_path / "x")]) == 4
+        assert not (tmp_path / "x").exists()
