@@ -37,7 +37,6 @@ import shlex
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +60,9 @@ SWEEP_FACTORS = (0.5, 1.0, 2.0, 4.0)
 
 def box_truth(xml_path: Path) -> tuple[float | None, int]:
     """Median (w + h) / 2 of the RBC boxes not touching the border, and how many there are."""
-    root = ET.parse(xml_path).getroot()
-    width, height = int(root.findtext("size/width")), int(root.findtext("size/height"))
-    sizes = []
-    for obj in root.iter("object"):
-        if (obj.findtext("name") or "").strip() != "RBC":
-            continue
-        box = obj.find("bndbox")
-        x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        if x0 <= 1 or y0 <= 1 or x1 >= width - 2 or y1 >= height - 2:
-            continue
-        sizes.append(((x1 - x0) + (y1 - y0)) / 2)
-    return (float(np.median(sizes)) if sizes else None), len(sizes)
+    from trainer.data.bccd import voc_rbc_diameter
+
+    return voc_rbc_diameter(xml_path)
 
 
 def frames(data: Path, which: str) -> list[dict[str, Any]]:

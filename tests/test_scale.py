@@ -4,13 +4,13 @@ without an estimate, and a few real BCCD / Bio-Net frames against their RBC boxe
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from trainer.data.bccd import voc_rbc_diameter
 from wbc_core.scale import ScaleEstimate, estimate_rbc_diameter, scale_factor
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -207,18 +207,7 @@ def test_scale_factor():
 
 def box_rbc_diameter(xml_path: Path) -> float | None:
     """Median (w + h) / 2 of a VOC file's RBC boxes that do not touch the image border."""
-    root = ET.parse(xml_path).getroot()
-    width, height = int(root.findtext("size/width")), int(root.findtext("size/height"))
-    sizes = []
-    for obj in root.iter("object"):
-        if (obj.findtext("name") or "").strip() != "RBC":
-            continue
-        box = obj.find("bndbox")
-        x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        if x0 <= 1 or y0 <= 1 or x1 >= width - 2 or y1 >= height - 2:
-            continue
-        sizes.append(((x1 - x0) + (y1 - y0)) / 2)
-    return float(np.median(sizes)) if sizes else None
+    return voc_rbc_diameter(xml_path)[0]
 
 
 def _real_frames() -> list[tuple[str, Path, Path]]:

@@ -78,6 +78,21 @@ def read_voc_boxes(xml_path: Path, label: str = "RBC") -> list[list[float]]:
     return boxes
 
 
+def voc_rbc_diameter(xml_path: Path) -> tuple[float | None, int]:
+    """Median (w + h) / 2 of a VOC file's RBC boxes that do not touch the image border (a red cell cut by the
+    border is not its size), and how many there are: the ground truth for red-cell scale estimates."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(xml_path).getroot()
+        width, height = int(root.findtext("size/width") or 0), int(root.findtext("size/height") or 0)
+    except (OSError, ET.ParseError, ValueError) as exc:
+        raise DatasetError(f"cannot read VOC annotation {xml_path}: {exc}") from exc
+    sizes = [((x1 - x0) + (y1 - y0)) / 2 for x0, y0, x1, y1 in read_voc_boxes(xml_path, "RBC")
+             if x0 > 1 and y0 > 1 and x1 < width - 2 and y1 < height - 2]
+    return (float(np.median(sizes)) if sizes else None), len(sizes)
+
+
 def bccd_rbc_boxes(root: str | Path, names: list[str]) -> dict[str, list[list[float]]]:
     """RBC boxes of BCCD frames from ``Annotations/<stem>.xml`` (VOC), keyed by frame name (``BloodImage_NNNNN.jpg``,
     as :func:`load_bccd` names them). Frames without an XML get no entry."""
