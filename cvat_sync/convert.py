@@ -25,14 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from wbc_core.data.masks import cvat_rle_decode
-from wbc_core.data.types import Instance
+from wbc_core.data.types import MAX_FRAME_PIXELS, Instance
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("polygon", "mask", "rectangle")
-# The largest frame (in pixels) a pull accepts: PIL refuses to open bigger images as decompression bombs
-# (2 x Image.MAX_IMAGE_PIXELS), and a mask the size of such a frame is ~180 MB, not a whole machine's memory.
-MAX_FRAME_PIXELS = 2 * 89_478_485
 
 
 class ShapeError(ValueError):

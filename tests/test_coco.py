@@ -225,6 +225,10 @@ def test_bad_files(tmp_path: Path) -> None:
                         images=[{"id": 1, "file_name": "a.jpg", "width": 4}])
     with pytest.raises(DatasetError, match=r"no_size.json.*'a.jpg'.*height"):
         read_coco(no_size)
+    huge = coco_file(tmp_path, [ann({"size": [100000, 100000], "counts": [10**10]})], name="huge.json",
+                     images=[{"id": 1, "file_name": "IMG_1.jpg", "width": 100000, "height": 100000}])
+    with pytest.raises(DatasetError, match=r"huge.json.*'IMG_1.jpg'.*100000x100000 is over"):
+        read_coco(huge)  # refused before any mask of it is decoded
     not_zip = tmp_path / "nojson.zip"
     with zipfile.ZipFile(not_zip, "w") as zf:
         zf.writestr("images/a.jpg", b"x")

@@ -292,6 +292,10 @@ BAD_FILES = {
                      '<image id="0" name="b.jpg" width="9" height="9"/></annotations>', "both have id 0"),
     "wrong_root": ('<dataset><image id="0" name="a.jpg" width="9" height="9"/></dataset>', "<annotations>"),
     "not_xml": ("this is not xml", "not valid XML"),
+    "zero_size": ('<annotations><image id="0" name="a.jpg" width="0" height="9"/></annotations>', "not positive"),
+    # a frame whose every mask would be 10 GB: refused before anything is drawn
+    "huge_frame": ('<annotations><image id="0" name="a.jpg" width="100000" height="100000"><polygon label="wbc" '
+                   'points="1,1;5,1;5,5"/></image></annotations>', "100000x100000 is over"),
 }
 
 

@@ -21,7 +21,7 @@ from pycocotools import mask as coco_mask
 from wbc_core.atomic import atomic_write_bytes
 from wbc_core.data import masks as mask_ops
 from wbc_core.data.cvat_xml import clip_to_frame, extract_zip, find_image, open_zip
-from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance, check_frame_size
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,7 @@ def _image_record(img: dict, index: int, path: Path, dirs: list[Path]) -> ImageR
         if not isinstance(img.get(key), (int, float)) or isinstance(img.get(key), bool):
             raise DatasetError(f"{where}: missing or non-numeric '{key}'")
     width, height = int(img["width"]), int(img["height"])
-    if width <= 0 or height <= 0:
-        raise DatasetError(f"{where}: frame size {width}x{height} is not positive")
+    check_frame_size(width, height, where)
     name = str(img["file_name"])
     return ImageRecord(name=name, width=width, height=height, path=find_image(name, dirs),
                        frame_id=int(img["id"]))

@@ -23,7 +23,7 @@ import numpy as np
 
 from wbc_core.atomic import atomic_write_bytes
 from wbc_core.data import masks as mask_ops
-from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance
+from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord, Instance, check_frame_size
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +265,7 @@ def _parse_image(elem: ET.Element, path: Path, dirs: list[Path], skipped: Counte
         raise DatasetError(f"{where}: missing attribute 'name'")
     frame_id = _int_attr(elem, "id", where)
     width, height = _int_attr(elem, "width", where), _int_attr(elem, "height", where)
-    if width <= 0 or height <= 0:
-        raise DatasetError(f"{where}: frame size {width}x{height} is not positive")
+    check_frame_size(width, height, where)
     instances: list[Instance] = []
     for index, child in enumerate(list(elem)):
         shape_where = f"{where} shape #{index} <{child.tag} label={child.get('label')!r}>"

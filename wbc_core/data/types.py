@@ -18,9 +18,23 @@ import numpy as np
 
 from wbc_core.data import masks as mask_ops
 
+#: The largest frame (in pixels) a dataset or a pull accepts: PIL refuses to open bigger images as decompression
+#: bombs (2 x ``Image.MAX_IMAGE_PIXELS``), and a mask the size of such a frame is ~180 MB, not a machine's memory.
+MAX_FRAME_PIXELS = 2 * 89_478_485
+
 
 class DatasetError(ValueError):
     """A dataset cannot be read. The message names the file and what to fix."""
+
+
+def check_frame_size(width: int, height: int, where: str) -> None:
+    """A frame size a dataset may declare: positive, and at most :data:`MAX_FRAME_PIXELS` (a hostile or broken
+    export declaring a 100000 x 100000 frame would make every mask of it 10 GB)."""
+    if width <= 0 or height <= 0:
+        raise DatasetError(f"{where}: frame size {width}x{height} is not positive")
+    if width * height > MAX_FRAME_PIXELS:
+        raise DatasetError(f"{where}: frame size {width}x{height} is over {MAX_FRAME_PIXELS} pixels, larger than "
+                           "any image this tool opens; the export is broken or not what it claims")
 
 
 @dataclass
