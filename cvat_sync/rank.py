@@ -212,7 +212,8 @@ def create_task_from_frames(client: CvatClient, source: dict[str, Any], labels: 
                         "--create-task 0 and use the ranking file (nothing created)")
     name = options.task_name or f"{source.get('name', f'task {sid}')}: next {len(frames)} by uncertainty"
     project = source.get("project_id")
-    files = []
+    files = []  # downloaded again: the top frames are known only once every frame is scored, and holding every
+    # frame's bytes until then would cost a large task's whole size in memory
     for r, file_name in zip(frames, base, strict=True):
         files.append((file_name, client.get_bytes(
             f"/api/tasks/{sid}/data", {"type": "frame", "number": r.frame, "quality": "original"},

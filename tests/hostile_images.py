@@ -21,13 +21,14 @@ from PIL import Image
 from serverless.model_handler import MAX_PIXELS, MIN_SIDE
 
 
-def small_slide(width: int = 256, height: int = 192) -> np.ndarray:
-    """A small slide-like RGB image (pink background, purple discs) that the hostile cases derive from."""
+def small_slide(width: int = 256, height: int = 192, seed: int = 0, discs: int = 6) -> np.ndarray:
+    """A small slide-like RGB image (pink background, ``discs`` purple discs placed by ``seed``): what the hostile
+    cases derive from, and the predictor tests' frame."""
     import cv2
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     img = np.full((height, width, 3), (225, 205, 215), np.uint8)
-    for _ in range(6):
+    for _ in range(discs):
         centre = (int(rng.integers(30, width - 30)), int(rng.integers(30, height - 30)))
         cv2.circle(img, centre, int(rng.integers(12, 30)), (120, 60, 150), -1)
     return img

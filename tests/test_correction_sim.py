@@ -118,3 +118,24 @@ def test_the_annotator_saves_exactly_the_true_outlines(sets: tuple[AnnotatedData
         assert np.array_equal(full, cell.to_mask(record.height, record.width))
     perfect = annotator.edits(record, None)
     assert perfect.drawn == len(record.instances) and perfect.accepted == 0
+
+
+def test_a_retrain_without_validation_frames_is_skipped_and_any_other_failure_stops_the_run(
+        tmp_path: Path, sets: tuple[AnnotatedDataset, AnnotatedDataset], monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    pool, held = sets
+    sim = Simulation(SimulationConfig(), client=None, pool_task=1, truth=pool, held=held, work=tmp_path, env={})
+    answers = iter([(2, "ERROR trainer: only 0 validation frames (gate.min_val_frames = 1); pull more"),
+                    (1, "ERROR trainer: cannot reach CVAT")])
+
+    def fake_run(*args: object, **kwargs: object) -> subprocess.CompletedProcess:
+        code, err = next(answers)
+        return subprocess.CompletedProcess(args, code, stdout="", stderr=err)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    skipped = sim.retrain()
+    assert skipped["exit_code"] == 2 and skipped["decision"].startswith("skipped") and skipped["version"] is None
+    with pytest.raises(RuntimeError, match=r"exit 1(.|\n)*cannot reach CVAT"):
+        sim.retrain()
+    assert "validation frames" in (tmp_path / "retrain.log").read_text()  # what the command said is kept

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from tests.hostile_images import small_slide
 from tests.tiny_models import spread_untrained_segmenter
 from wbc_core.bundle import write_bundle
 from wbc_core.contract import MIN_WBC_RBC_RATIO
@@ -103,13 +104,8 @@ def test_fold_batchnorm_leaves_a_model_without_conv_bn_pairs_alone() -> None:
     assert fold_batchnorm(seq) == 0
 
 
-def _slide(h: int = 192, w: int = 256) -> np.ndarray:
-    rng = np.random.default_rng(3)
-    img = np.full((h, w, 3), (225, 205, 215), np.uint8)
-    for _ in range(8):
-        centre = (int(rng.integers(30, w - 30)), int(rng.integers(30, h - 30)))
-        cv2.circle(img, centre, int(rng.integers(12, 30)), (120, 60, 150), -1)
-    return img
+def _slide() -> np.ndarray:
+    return small_slide(seed=3, discs=8)
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,21 @@ def test_a_server_that_goes_away_or_a_failed_upload_leaves_nothing(tmp_path: Pat
         assert not out.exists()
 
 
+def test_unreadable_frames_rank_last_and_colliding_names_create_no_task(tmp_path: Path, predictor: Predictor) -> None:
+    with StandinCVAT() as cvat, _client(cvat) as client:
+        tid = _task(cvat)
+        cvat.set_frame_data(tid, 2, b"not an image")
+        record = rank_task(client, tid, predictor, RankOptions(out=tmp_path / "a", progress=False))
+        assert record["ranking"][-1]["frame"] == 2 and record["ranking"][-1]["score"] is None
+        assert all(r["score"] is not None for r in record["ranking"][:-1])
+        # CVAT keeps only the part of a name after its last '/': two frames would become one file
+        clash = _task(cvat, frames=[("left/x.jpg", FRAMES[0][1]), ("right/x.jpg", FRAMES[1][1])])
+        out = tmp_path / "b"
+        with pytest.raises(RankError, match=r"several named x\.jpg"):
+            rank_task(client, clash, predictor, RankOptions(out=out, create_task=2, progress=False))
+        assert len(cvat.tasks) == 2 and not out.exists()
+
+
 def test_annotated_frames_reads_shapes_tags_and_tracks() -> None:
     annotations = {"shapes": [{"frame": 2}], "tags": [{"frame": 5}],
                    "tracks": [{"shapes": [{"frame": 7, "outside": False}, {"frame": 9, "outside": True}]}]}
@@ -136,6 +151,9 @@ def test_the_command_line(tmp_path: Path, bundle: Path, monkeypatch: pytest.Monk
         record = json.loads((out / RANKING_JSON).read_text())
         assert record["weights"]["low_score"] == 2.0 and len(record["created_task"]["frames"]) == 3
         assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--weight", "nope=1"]) == 2
+        assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--weight", "low_score=x"]) == 2
+        assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--create-task", "-1"]) == 2
+        assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--threshold", "1.5"]) == 2
         assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(tmp_path / "missing")]) == 2
         assert cvat_sync_main(["rank", "--task", "999", "--bundle", str(bundle), "--out", str(tmp_path / "x")]) == 4
         assert not (tmp_path / "x").exists()

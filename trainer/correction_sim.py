@@ -115,11 +115,9 @@ def held_back_edits(handler: Any, annotator: Annotator, held: AnnotatedDataset) 
 def summarise(frames: list[FrameEdits]) -> dict[str, Any]:
     n = max(1, len(frames))
     tot = total(frames)
-    per_frame = [f.edits for f in frames]
     return {"frames": len(frames), "edits_per_frame": tot.edits / n, "scratch_edits_per_frame": tot.scratch_edits / n,
             "ratio_to_scratch": tot.edits / tot.scratch_edits if tot.scratch_edits else None,
-            "accepted_per_frame": tot.accepted / n, "edits_sd": float(np.std(per_frame)) if frames else 0.0,
-            "totals": tot.to_dict()}
+            "accepted_per_frame": tot.accepted / n, "totals": tot.to_dict()}
 
 
 class Simulation:
