@@ -25,6 +25,7 @@ resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
@@ -43,6 +44,14 @@ TARGET_RATIO = 0.25          # edits per frame after 30 corrected frames, as a s
 TARGET_RANKED_SAVING = 0.20  # ranked order: fewer total edits than random by at least this share
 TARGET_FRAMES = 30
 MIN_NONZERO_FRAMES = 5       # a signal seen on fewer pool frames is not kept, whatever its correlation
+
+
+def gate_used(noise_z: float | None) -> dict[str, Any]:
+    """The retrain gate of every cycle: the retrain defaults, with ``--gate-noise-z`` when given."""
+    from trainer.retrain import GateConfig
+
+    gate = GateConfig() if noise_z is None else GateConfig(noise_z=noise_z)
+    return dataclasses.asdict(gate)
 
 
 def load_split(name: str, data_root: Path, split: str) -> Any:
@@ -125,7 +134,8 @@ def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: An
 
     rules = EditRules(redraw_iou=args.redraw_iou, check_labels=False)
     cfg = SimulationConfig(order=order, seed=seed, batch=args.batch, cycles=args.cycles, minutes=args.minutes,
-                           start=str(args.start) if args.start else None, rules=rules, weights=weights)
+                           start=str(args.start) if args.start else None, rules=rules, weights=weights,
+                           gate=None if args.gate_noise_z is None else {"noise_z": args.gate_noise_z})
     bundle_labels = list(load_bundle(args.start).contract.labels) if args.start else []
     labels = [{"name": n, "type": "any"} for n in dict.fromkeys([WBC_LABEL, *bundle_labels])]
     with StandinCVAT(seed=seed) as cvat:
@@ -236,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redraw-iou", type=float, default=0.85)
     ap.add_argument("--pool-frames", type=int, help="use this many frames of the training split (seeded choice)")
     ap.add_argument("--held-frames", type=int, help="use this many frames of the test split (seeded choice)")
+    ap.add_argument("--gate-noise-z", type=float, metavar="Z",
+                    help="the retrain gate's noise_z (default: the retrain default; 0: a fixed allowance alone)")
     ap.add_argument("--work", type=Path, default=Path("runs/correction-effort"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="correction_effort", help="result file names: NAME.json, NAME.png")
@@ -284,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "start": str(args.start) if args.start else None, "minutes_per_cycle": args.minutes,
         "pool_frames": len(pool.images), "held_back_frames": len(held.images),
         "rules": {"redraw_iou": args.redraw_iou, "match_iou": rules.match_iou, "labels": "class-agnostic"},
+        "gate": gate_used(args.gate_noise_z),   # the retrain gate every cycle ran
         **aggregate(runs, args.orders, scratch),
         "signals": state.get("signals"),
         "runs": [{"order": r["order"], "seed": r["seed"], "seconds": r["seconds"],

@@ -279,9 +279,30 @@ def loso_row(path: str, data: AnnotatedDataset, threshold: float, scored: dict[s
     return row
 
 
+def reference_mask_ap(path: str | Path) -> float:
+    """The test mask AP in an in-domain model's result file (``benchmarks/segmentation_bccd.py``'s ``mask_ap``,
+    or an evaluation's ``segm.AP``); refuses a file without one, naming it."""
+    ref = json.loads(Path(path).read_text())
+    for ap in (ref.get("mask_ap"), ref.get("ours_mask_ap"), (ref.get("segm") or {}).get("AP"),
+               ((ref.get("metrics") or {}).get("segm") or {}).get("AP")):
+        if isinstance(ap, (int, float)):
+            return float(ap)
+    raise SystemExit(f"--in-domain-ref {path}: no mask AP in it (looked for mask_ap, ours_mask_ap, segm.AP, "
+                     "metrics.segm.AP); give the in-domain model's result file")
+
+
+def add_references(result: dict[str, Any], pairs: list[str]) -> None:
+    """``--in-domain-ref SET=JSON``: each set's in-domain model's mask AP beside the starter's."""
+    for name, ref in _pairs(pairs, "--in-domain-ref").items():
+        if name not in result["in_domain"]:
+            raise SystemExit(f"--in-domain-ref {name}: not among the sets measured ({sorted(result['in_domain'])})")
+        result["in_domain"][name]["reference_mask_ap"] = round(reference_mask_ap(ref), 4)
+        result["in_domain"][name]["reference"] = ref
+
+
 def update(args: argparse.Namespace, shown: list[str]) -> int:
-    """``--update``: add ``--loso`` rows and ``--few-shot`` results to an existing result file (the rest as it was
-    measured), judge the targets again, redraw the plot."""
+    """``--update``: add ``--loso`` rows, ``--few-shot`` results and ``--in-domain-ref`` references to an existing
+    result file (the rest as it was measured), judge the targets again, redraw the plot."""
     path = args.out / "generalisation.json"
     result = json.loads(path.read_text())
     threshold = float(result["bundle"]["score_threshold"])
@@ -293,6 +314,7 @@ def update(args: argparse.Namespace, shown: list[str]) -> int:
         log.info("loso %s: %s", name, result["loso"][name])
     for f in args.few_shot:
         result["few_shot"].update(json.loads(f.read_text()).get("few_shot") or {})
+    add_references(result, args.in_domain_ref)
     if args.classifier:
         import torch
 
@@ -444,13 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 stains[s] = score_set(predictor, d, threshold, transform=fn, desc=f"{name} {s}")
                 log.info("%s %s: %s", name, s, stains[s])
         result["stain_sweep"][name] = stains
-    for name, ref in _pairs(args.in_domain_ref, "--in-domain-ref").items():
-        ref_json = json.loads(Path(ref).read_text())
-        ap = ref_json.get("ours_mask_ap") or (ref_json.get("segm") or {}).get("AP") \
-            or ((ref_json.get("metrics") or {}).get("segm") or {}).get("AP")
-        if name in result["in_domain"]:
-            result["in_domain"][name]["reference_mask_ap"] = ap
-            result["in_domain"][name]["reference"] = ref
+    add_references(result, args.in_domain_ref)
     result["loso"] = {}
     for name, path in _pairs(args.loso, "--loso").items():
         if name not in data:

@@ -10,6 +10,10 @@ Ground truth per frame: the median over its RBC boxes that do not touch the imag
 - **sweep**: a subset of both sets resized by 0.5x, 1x, 2x and 4x (4x = 2560x1920, RBCs ~200-450 px, the
   size of a phone photo at 1000x); per factor the median of estimate / (factor x truth), and the
   equivariance: estimate at the factor / (factor x estimate at 1x).
+- **stains**: both test splits re-stained as in the generalisation benchmark's stain sweep (hue +-20 degrees,
+  saturation 0.6x, a paler stain, yellow and blue casts), scored against the same box truth: the estimate
+  must survive the stains the segmenter is asked to survive (a pale stain fades the RBCs far more than the
+  WBC nuclei).
 - **pbc**: the PBC crops (360x363, CellaVision, one WBC in the middle): the diameters found, or the reasons.
 - **speed**: ``estimate_rbc_diameter`` alone on 640x480 frames, on 1008x756 (a 4032x3024 photo's 1/4 JPEG
   decode) and 2016x1512 (its 1/2 decode), on 2560x1920 and on a full 4032x3024 array; and a 4032x3024 JPEG
@@ -134,6 +138,29 @@ def run_set(data: Path, which: str) -> tuple[dict[str, Any], list[dict[str, Any]
         }
     log.info("%s: %s", which, {k: v for k, v in summary.items() if k not in ("failures", "worst", "box_batches")})
     return summary, rows
+
+
+def run_stains(data: Path) -> dict[str, Any]:
+    """Each set's test frames under every re-staining of the generalisation benchmark, against box truth."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from generalisation import STAINS
+
+    out: dict[str, Any] = {}
+    for which in ("bccd", "bionet"):
+        items = [(item, load(item["image"])) for item in frames(data, which)]
+        out[which] = {}
+        for stain, transform in STAINS.items():
+            if stain == "original":
+                continue
+            rows = []
+            for item, image in items:
+                estimate = estimate_rbc_diameter(transform(image))
+                rows.append({"frame": item["frame"], "truth": item["truth"], "estimate": estimate.diameter_px,
+                             "reason": estimate.reason})
+            summary = summarise(rows)
+            out[which][stain] = {k: summary[k] for k in ("n", "n_estimated", "median_abs_rel_error", "within_25")}
+        log.info("stains, %s: %s", which, {k: v["within_25"] for k, v in out[which].items()})
+    return out
 
 
 def run_sweep(data: Path, every: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
@@ -309,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     for which in ("bccd", "bionet"):
         summaries[which], sets[which] = run_set(args.data, which)
     sweep, sweep_truth = run_sweep(args.data, args.sweep_every)
+    stains = run_stains(args.data)
     pbc = run_pbc(args.data)
     speed = run_speed(args.data, args.repeat)
 
@@ -341,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "sets": summaries,
         "sweep": sweep,
+        "stains": stains,
         "pbc": pbc_out,
         "speed": speed,
         "frames": {which: rows for which, rows in sets.items()},

@@ -99,6 +99,15 @@ def evaluate_bundle(predictor: Predictor, data: AnnotatedDataset, label_map: Lab
                     progress: bool = True) -> dict[str, Any]:
     """Predict every frame of ``data`` and score it. ``threshold`` is low by default: AP wants the
     whole precision-recall curve, not the deployment threshold."""
+    return evaluate_bundle_with_predictions(predictor, data, label_map, out_dir, overlays, class_agnostic,
+                                            threshold, progress)[0]
+
+
+def evaluate_bundle_with_predictions(predictor: Predictor, data: AnnotatedDataset, label_map: LabelMap,
+                                     out_dir: Path | None = None, overlays: int = 4, class_agnostic: bool = False,
+                                     threshold: float | None = 0.05, progress: bool = True
+                                     ) -> tuple[dict[str, Any], list[Detection]]:
+    """:func:`evaluate_bundle`, and the detections it scored (one per frame of ``data``)."""
     preds: list[Detection] = []
     t0 = time.perf_counter()
     for rec in tqdm(data.images, desc="evaluate", unit="frame", disable=not progress, dynamic_ncols=True):
@@ -122,7 +131,7 @@ def evaluate_bundle(predictor: Predictor, data: AnnotatedDataset, label_map: Lab
             shown = [c for c in pred.cells if c.score >= deploy_thr]
             img = draw_overlay(rec.path, rec.outlined(), shown, rec.width, rec.height)
             save_png(img, out_dir / f"overlay_{Path(rec.name).stem}.png")
-    return metrics
+    return metrics, preds
 
 
 def summary_line(metrics: dict[str, Any]) -> str:

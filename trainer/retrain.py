@@ -11,7 +11,8 @@
    bundle ``models/starter``, or as ``segmenter.first`` says), keeping that bundle's architecture and input
    scale, and carry its crop classifier over, fine-tuned on the new labelled crops when ``classifier.steps`` > 0;
 4. **evaluate** the candidate and the current bundle on the same validation (and frozen test) frames;
-5. **gate**: promote only when no gated metric drops by more than its allowance (and, for the first
+5. **gate**: promote only when no gated metric drops by more than its allowance plus ``gate.noise_z`` x the
+   drop's standard error over the validation frames (:mod:`trainer.gate_noise`; and, for the first
    version, clears ``gate.min``); the registry's ``current`` pointer is switched atomically;
 6. **report** (``report.json`` + ``report.md`` + ``metrics_by_version.png`` in the cycle folder), prune the
    registry to ``keep_last`` versions, and exit with a code a scheduler can act on (:data:`EXIT_CODES`).
@@ -93,6 +94,14 @@ class GateConfig:
                                                                   "macro_f1": 0.03})
     min: dict[str, float] = field(default_factory=lambda: {"mask_ap_any": 0.0})   # floors (first version too)
     min_val_frames: int = 1
+    # A drop is refused only when it exceeds max_drop + noise_z x its standard error over the frames it is
+    # measured on (paired jackknife, trainer/gate_noise.py): on a lab's first handful of validation frames one
+    # frame moves AP by several points. 0: the fixed allowance alone. macro_f1 has no noise term.
+    noise_z: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.noise_z >= 0:
+            raise ValueError(f"gate.noise_z must be >= 0 (0: the fixed allowance alone), got {self.noise_z}")
 
 
 @dataclass
@@ -342,8 +351,9 @@ class Cycle:
                                           lr=self.cfg.classifier.lr)
 
     # 4. evaluate
-    def evaluate(self, bundle_dir: Path, data: AnnotatedDataset, name: str) -> dict[str, Any]:
-        from trainer.evaluate import evaluate_bundle
+    def evaluate(self, bundle_dir: Path, data: AnnotatedDataset, name: str) -> tuple[dict[str, Any], list[Any]]:
+        """The gate's metrics of the bundle on ``data``, and its detections (one per frame)."""
+        from trainer.evaluate import evaluate_bundle_with_predictions
         from wbc_core.bundle import load_bundle
         from wbc_core.detect import Predictor
         from wbc_core.labels import LabelMap
@@ -351,8 +361,9 @@ class Cycle:
         bundle = load_bundle(bundle_dir)
         label_map = LabelMap(classes=list(bundle.classes))
         predictor = Predictor(bundle, device="cpu" if not _cuda() else None)
-        metrics = evaluate_bundle(predictor, data, label_map, out_dir=self.dir / "eval" / name, overlays=2,
-                                  progress=self.progress)
+        metrics, detections = evaluate_bundle_with_predictions(predictor, data, label_map,
+                                                               out_dir=self.dir / "eval" / name, overlays=2,
+                                                               progress=self.progress)
         out = {"mask_ap": metrics["segm"]["AP"], "box_ap": metrics["bbox"]["AP"],
                "mask_ap50": metrics["segm"].get("AP50"), "frames": len(data.images)}
         agnostic = metrics.get("class_agnostic") or {"segm": metrics["segm"], "bbox": metrics["bbox"]}
@@ -365,11 +376,26 @@ class Cycle:
             f1 = classifier_macro_f1(bundle, data)
             if f1 is not None:
                 out["macro_f1"] = f1
-        return out
+        return out, detections
+
+    def noise(self, data: AnnotatedDataset, candidate: list[Any], current: list[Any], bundle_dir: Path
+              ) -> dict[str, float]:
+        """Standard errors of the gated metrics' drop on ``data`` (:mod:`trainer.gate_noise`); {} when the gate
+        ignores noise."""
+        if not self.cfg.gate.noise_z:
+            return {}
+        from trainer.gate_noise import paired_jackknife_se
+        from wbc_core.bundle import load_bundle
+        from wbc_core.labels import LabelMap
+
+        label_map = LabelMap(classes=list(load_bundle(bundle_dir).classes))
+        return {k: round(v, 4) for k, v in paired_jackknife_se(data, candidate, current, label_map).items()}
 
     # 5. gate
-    def gate(self, candidate: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]] | None
-             ) -> tuple[bool, list[str]]:
+    def gate(self, candidate: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]] | None,
+             noise: dict[str, dict[str, float]] | None = None) -> tuple[bool, list[str]]:
+        """Promote or not: every floor met, and no metric dropping by more than its allowance plus
+        ``gate.noise_z`` x its standard error on that split (``noise``: split -> metric -> standard error)."""
         reasons: list[str] = []
         ok = True
         for split, cand in candidate.items():
@@ -385,10 +411,13 @@ class Cycle:
                 if metric not in cand or metric not in current[split]:
                     continue
                 drop = current[split][metric] - cand[metric]
-                verdict = "ok" if drop <= allowed else "REFUSED"
+                se = ((noise or {}).get(split) or {}).get(metric, 0.0)
+                limit = allowed + self.cfg.gate.noise_z * se
+                verdict = "ok" if drop <= limit else "REFUSED"
+                margin = f" + {self.cfg.gate.noise_z:g} x {se:.3f} noise" if se and self.cfg.gate.noise_z else ""
                 reasons.append(f"{split} {metric}: current {current[split][metric]:.3f} -> candidate "
-                               f"{cand[metric]:.3f} (drop {drop:+.3f}, allowed {allowed}) {verdict}")
-                if drop > allowed:
+                               f"{cand[metric]:.3f} (drop {drop:+.3f}, allowed {allowed}{margin}) {verdict}")
+                if drop > limit:
                     ok = False
         return ok, reasons
 
@@ -452,13 +481,18 @@ class Cycle:
 
         t0 = time.perf_counter()
         sets = {"validation": pool.val, **({"frozen_test": pool.test} if pool.test else {})}
-        cand_metrics = {name: self.evaluate(candidate, data, f"candidate-{name}") for name, data in sets.items()}
-        cur_metrics = ({name: self.evaluate(current, data, f"current-{name}") for name, data in sets.items()}
-                       if current is not None else None)
+        cand_eval = {name: self.evaluate(candidate, data, f"candidate-{name}") for name, data in sets.items()}
+        cand_metrics = {name: m for name, (m, _) in cand_eval.items()}
+        cur_metrics, noise = None, {}
+        if current is not None:
+            cur_eval = {name: self.evaluate(current, data, f"current-{name}") for name, data in sets.items()}
+            cur_metrics = {name: m for name, (m, _) in cur_eval.items()}
+            noise = {name: self.noise(data, cand_eval[name][1], cur_eval[name][1], candidate)
+                     for name, data in sets.items()}
         self._timed("evaluate", t0)
         self.report["metrics"] = {"candidate": cand_metrics, "current": cur_metrics}
-        ok, reasons = self.gate(cand_metrics, cur_metrics)
-        self.report["gate"] = {"passed": ok, "checks": reasons}
+        ok, reasons = self.gate(cand_metrics, cur_metrics, noise)
+        self.report["gate"] = {"passed": ok, "checks": reasons, "noise_se": noise, "noise_z": self.cfg.gate.noise_z}
         for line in reasons:
             log.info("gate: %s", line)
 

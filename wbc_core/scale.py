@@ -20,7 +20,10 @@ higher resolution. The result is mapped back to the input's pixels.
 2. **Foreground.** Otsu's threshold on ``log(OD + FOREGROUND_LOG_OFFSET)`` separates cells from glass (the
    log keeps the few, very dense WBC nuclei from pulling the split above the RBCs); the cells' edge is then
    put at :data:`EDGE_FRACTION` of their median density, the same point of the edge profile whatever the
-   stain's strength. When the foreground is not clearly denser than the glass's pixel noise there are no
+   stain's strength. Under a weak stain the RBCs fade far more than the WBC nuclei, and Otsu's split can fall
+   between the few nuclei and everything else: when it leaves under :data:`FAINT_SPLIT_FRACTION` of the field
+   as cells, the rest is split once more, and that split is kept when its cells stand clear of the glass's
+   noise. When the foreground is not clearly denser than the glass's pixel noise there are no
    cells (blank, featureless or out-of-focus frame). In a crop around one WBC, dense objects inside a pale
    halo (the nucleus in its cytoplasm) are nuclei, not RBCs. Holes of the foreground that are compact and
    ringed by a thin band of foreground -- the pale central pallor of RBCs -- are filled, so a ring-shaped
@@ -100,6 +103,12 @@ EDGE_FRACTION = 0.34
 """A cell's edge is where the optical density falls to this fraction of the cells' median (the dense class of
 Otsu's split): a fixed point on the edge profile whatever the stain's strength (chosen on the BCCD and Bio-Net
 training frames; Otsu's own split sits at ~0.28-0.33 of the median there)."""
+FAINT_SPLIT_FRACTION = 0.15
+"""When Otsu's split leaves less of the field than this as cells (RBCs cover ~30-60% of a smear's field), it may
+have split the few dense WBC nuclei from faint RBCs (a weak stain); the rest is split once more."""
+FAINT_MIN_OD = 0.05
+"""... and that second split's cells must have at least this median optical density (and
+:data:`MIN_CONTRAST_TO_NOISE` times the glass's noise): a weak stain's RBCs have ~0.07-0.15."""
 METHOD = "od-otsu-dt-voronoi"
 
 _LOG_LUT = np.log(np.arange(256, dtype=np.float32) + 1.0)
@@ -201,17 +210,20 @@ def _estimate_at(rgb: np.ndarray, scale: float) -> _Pass:
     sub = total[::2, ::2][~outside[::2, ::2]]
     if sub.size < 100:
         return _Pass(None, 0, 0.0, "no field: the image is dark all over")
-    threshold = _foreground_threshold(sub)
-    cells = sub[sub > threshold]
-    if cells.size:
-        threshold = EDGE_FRACTION * float(np.median(cells))
-    fg = (total > threshold) & ~outside
-    if not fg.any() or fg.all():
+    otsu = _foreground_threshold(sub)
+    threshold, fg, fg_od, noise = _split(total, outside, sub, otsu)
+    floor = MIN_FOREGROUND_OD
+    if (fg is not None and fg_od >= max(MIN_FOREGROUND_OD, MIN_CONTRAST_TO_NOISE * noise)
+            and float(np.mean(sub > otsu)) < FAINT_SPLIT_FRACTION):
+        # a weak stain: Otsu may have split the few dense nuclei from everything else, faint RBCs included;
+        # split what is left once more, and keep that split when it finds stained cells clear of the noise
+        lower = _split(total, outside, sub, _foreground_threshold(sub[sub <= otsu]))
+        if lower[1] is not None and lower[2] >= max(FAINT_MIN_OD, MIN_CONTRAST_TO_NOISE * lower[3]):
+            threshold, fg, fg_od, noise = lower
+            floor = FAINT_MIN_OD
+    if fg is None:
         return _Pass(None, 0, 0.0, "no stained cells: no foreground/background split")
-    sample = total[::2, ::2][fg[::2, ::2]]
-    fg_od = float(np.median(sample if sample.size else total[fg]))
-    noise = _pixel_noise(total, (total < 0.5 * threshold) & ~outside)
-    if fg_od < MIN_FOREGROUND_OD or fg_od < MIN_CONTRAST_TO_NOISE * noise:
+    if fg_od < floor or fg_od < MIN_CONTRAST_TO_NOISE * noise:
         # (cells only a few pixels across also look like noise: worth a look at a higher resolution)
         return _Pass(None, 0, 0.0, f"no stained cells: foreground optical density {fg_od:.3f} against pixel "
                      f"noise {noise:.3f} (blank, featureless or out-of-focus image)", few_cells=True)
@@ -231,6 +243,21 @@ def _estimate_at(rgb: np.ndarray, scale: float) -> _Pass:
     if result.diameter is None:
         return result
     return replace(result, diameter=float(result.diameter / scale))
+
+
+def _split(total: np.ndarray, outside: np.ndarray, sub: np.ndarray, otsu: float
+           ) -> tuple[float, np.ndarray | None, float, float]:
+    """Cells against glass from Otsu's threshold ``otsu`` of the field's OD (``sub``, a subsample): the edge
+    threshold (:data:`EDGE_FRACTION` of the cells' median), the foreground mask (None when there is no
+    split), the foreground's median OD and the glass's pixel noise."""
+    cells = sub[sub > otsu]
+    threshold = EDGE_FRACTION * float(np.median(cells)) if cells.size else otsu
+    fg = (total > threshold) & ~outside
+    if not fg.any() or fg.all():
+        return threshold, None, 0.0, 0.0
+    sample = total[::2, ::2][fg[::2, ::2]]
+    fg_od = float(np.median(sample if sample.size else total[fg]))
+    return threshold, fg, fg_od, _pixel_noise(total, (total < 0.5 * threshold) & ~outside)
 
 
 def _haloed_nuclei(total: np.ndarray, sub: np.ndarray, threshold: float, fg: np.ndarray,

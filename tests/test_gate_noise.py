@@ -1,0 +1,103 @@
+"""The retrain gate's noise term (trainer.gate_noise, issue 14): a paired jackknife over the validation frames
+lets a candidate through whose drop one frame can explain, and still refuses one that is worse on every frame."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.gate_noise import paired_jackknife_se
+from trainer.retrain import Cycle, GateConfig, RetrainConfig
+from wbc_core.data.types import AnnotatedDataset, ImageRecord, Instance
+from wbc_core.detect import Cell, Detection
+from wbc_core.labels import LabelMap
+
+LABELS = LabelMap(classes=["wbc"], aliases={}, ignore=[])
+W, H = 120, 100
+
+
+def _disc(cx: float, cy: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:H, 0:W]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def _frames(n: int) -> tuple[AnnotatedDataset, list[np.ndarray]]:
+    rng = np.random.default_rng(0)
+    images, truth = [], []
+    for i in range(n):
+        mask = _disc(rng.uniform(40, 80), rng.uniform(35, 65), rng.uniform(18, 24))
+        truth.append(mask)
+        images.append(ImageRecord(name=f"f{i}.png", width=W, height=H,
+                                  instances=[Instance(label="wbc", mask_crop=mask, mask_origin=(0, 0))]))
+    return AnnotatedDataset(images=images, labels=["wbc"]), truth
+
+
+def _detection(mask: np.ndarray, score: float = 0.95) -> Detection:
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    cell = Cell(label="wbc", score=score, box=(x0, y0, x1, y1), mask_crop=mask[y0:y1, x0:x1].copy(), origin=(x0, y0))
+    return Detection(cells=[cell], width=W, height=H)
+
+
+def _shifted(mask: np.ndarray, dx: int) -> np.ndarray:
+    return np.roll(mask, dx, axis=1)
+
+
+def _gate(noise_z: float) -> Cycle:
+    retrainer = Cycle.__new__(Cycle)
+    retrainer.cfg = RetrainConfig(gate=GateConfig(noise_z=noise_z))
+    return retrainer
+
+
+def _values(data: AnnotatedDataset, dets: list[Detection]) -> dict[str, float]:
+    from trainer.gate_noise import gated_values
+
+    return gated_values(data, dets, LABELS)
+
+
+def test_identical_models_have_no_noise() -> None:
+    data, truth = _frames(6)
+    dets = [_detection(_shifted(m, 2)) for m in truth]
+    se = paired_jackknife_se(data, dets, dets, LABELS)
+    assert set(se) == {"mask_ap", "box_ap", "mask_ap_any", "box_ap_any"} and all(v == 0.0 for v in se.values())
+
+
+def test_one_bad_frame_among_few_is_noise_but_worse_everywhere_is_not() -> None:
+    data, truth = _frames(5)
+    current = [_detection(_shifted(m, 1)) for m in truth]
+    one_bad = [_detection(_shifted(m, 8 if i == 0 else 1)) for i, m in enumerate(truth)]
+    all_bad = [_detection(_shifted(m, 4)) for m in truth]
+    metrics = {"current": _values(data, current), "one_bad": _values(data, one_bad), "all_bad": _values(data, all_bad)}
+    drop_one = metrics["current"]["mask_ap"] - metrics["one_bad"]["mask_ap"]
+    drop_all = metrics["current"]["mask_ap"] - metrics["all_bad"]["mask_ap"]
+    assert drop_one > 0.02 and drop_all > 0.02          # both refused by a fixed 0.02 allowance
+    se_one = paired_jackknife_se(data, one_bad, current, LABELS)
+    se_all = paired_jackknife_se(data, all_bad, current, LABELS)
+    assert se_one["mask_ap"] > drop_one - 0.02          # one frame explains the first drop...
+    assert se_all["mask_ap"] < (drop_all - 0.02) / 2     # ...but not the second
+    current_split = {"validation": metrics["current"]}
+    for z, name, se, expected in [(0.0, "one_bad", se_one, False), (1.0, "one_bad", se_one, True),
+                                  (1.0, "all_bad", se_all, False)]:
+        ok, reasons = _gate(z).gate({"validation": metrics[name]}, current_split, {"validation": se})
+        assert ok is expected, reasons
+        assert any("mask_ap:" in r and ("noise" in r) == bool(z) for r in reasons), reasons
+
+
+def test_too_few_frames_or_mismatched_detections() -> None:
+    data, truth = _frames(1)
+    dets = [_detection(truth[0])]
+    assert paired_jackknife_se(data, dets, dets, LABELS) == {}
+    data, truth = _frames(3)
+    with pytest.raises(ValueError, match="one detection per frame"):
+        paired_jackknife_se(data, [_detection(truth[0])], [_detection(m) for m in truth], LABELS)
+
+
+def test_noise_z_is_in_the_packaged_retrain_config() -> None:
+    from trainer.retrain import load_retrain_config
+
+    cfg = load_retrain_config(Path(__file__).resolve().parents[1] / "trainer" / "configs" / "retrain.yaml")
+    assert cfg.gate.noise_z == 1.0
+    with pytest.raises(ValueError, match="noise_z"):
+        GateConfig(noise_z=-1.0)
