@@ -142,8 +142,7 @@ def run_set(data: Path, which: str) -> tuple[dict[str, Any], list[dict[str, Any]
 
 def run_stains(data: Path) -> dict[str, Any]:
     """Each set's test frames under every re-staining of the generalisation benchmark, against box truth."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from generalisation import STAINS
+    from benchmarks.generalisation import STAINS
 
     out: dict[str, Any] = {}
     for which in ("bccd", "bionet"):
