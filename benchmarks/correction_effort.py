@@ -135,7 +135,8 @@ def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: An
     rules = EditRules(redraw_iou=args.redraw_iou, check_labels=False)
     cfg = SimulationConfig(order=order, seed=seed, batch=args.batch, cycles=args.cycles, minutes=args.minutes,
                            start=str(args.start) if args.start else None, rules=rules, weights=weights,
-                           gate=None if args.gate_noise_z is None else {"noise_z": args.gate_noise_z})
+                           gate=None if args.gate_noise_z is None else {"noise_z": args.gate_noise_z},
+                           ideal_expert=args.ideal_expert)
     bundle_labels = list(load_bundle(args.start).contract.labels) if args.start else []
     labels = [{"name": n, "type": "any"} for n in dict.fromkeys([WBC_LABEL, *bundle_labels])]
     with StandinCVAT(seed=seed) as cvat:
@@ -147,6 +148,14 @@ def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: An
             sim = Simulation(cfg, client, created["id"], pool, held, work, child_env(cvat.url, cvat.admin_token),
                              progress=args.progress)
             return sim.run()
+
+
+def run_settings(args: argparse.Namespace, pool_frames: int, held_frames: int) -> dict[str, Any]:
+    """What a run's result depends on besides its order and seed (a resumed --work folder must match)."""
+    return {"set": args.set, "start": str(args.start) if args.start else None, "batch": args.batch,
+            "cycles": args.cycles, "minutes": args.minutes, "redraw_iou": args.redraw_iou,
+            "pool_frames": pool_frames, "held_frames": held_frames, "gate_noise_z": args.gate_noise_z,
+            "ideal_expert": args.ideal_expert}
 
 
 # --- aggregation ----------------------------------------------------------------------------------------------
@@ -233,7 +242,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="bccd", choices=("bccd",), help="the public set (needs outlines: bccd)")
     ap.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
@@ -248,11 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--held-frames", type=int, help="use this many frames of the test split (seeded choice)")
     ap.add_argument("--gate-noise-z", type=float, metavar="Z",
                     help="the retrain gate's noise_z (default: the retrain default; 0: a fixed allowance alone)")
-    ap.add_argument("--work", type=Path, default=Path("runs/correction-effort"))
+    ap.add_argument("--ideal-expert", action="store_true",
+                    help="save every corrected cell with its true outline, even the ones the expert accepted (an "
+                         "upper bound; by default accepted cells keep the function's outline, as CVAT stores them)")
+    ap.add_argument("--work", type=Path, default=Path("runs/correction-effort"),
+                    help="run folder; runs already in it are kept (resume), if made with the same settings")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="correction_effort", help="result file names: NAME.json, NAME.png")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--replot", action="store_true", help="only redraw OUT/NAME.png from OUT/NAME.json")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.replot:
         plot(json.loads((args.out / f"{args.name}.json").read_text()), args.out / f"{args.name}.png")
@@ -272,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     state_path = args.work / "runs.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"runs": []}
+    settings = run_settings(args, len(pool.images), len(held.images))
+    if state["runs"] and state.get("settings") != settings:
+        ap.error(f"{state_path} holds runs made with other settings ({state.get('settings')}, now {settings}): "
+                 "give another --work folder, or delete that one to start over")
+    state["settings"] = settings
     rules = EditRules(redraw_iou=args.redraw_iou, check_labels=False)
     if "signals" not in state and args.start and "ranked" in args.orders:
         state["signals"] = signal_study(args.start, pool, rules, args.progress)
@@ -296,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         "start": str(args.start) if args.start else None, "minutes_per_cycle": args.minutes,
         "pool_frames": len(pool.images), "held_back_frames": len(held.images),
         "rules": {"redraw_iou": args.redraw_iou, "match_iou": rules.match_iou, "labels": "class-agnostic"},
+        "expert_saves": ("the true outline of every cell" if args.ideal_expert else
+                         "what CVAT holds: the function's outline for the cells left as they were, the true one "
+                         "for redrawn and drawn cells"),
         "gate": gate_used(args.gate_noise_z),   # the retrain gate every cycle ran
         **aggregate(runs, args.orders, scratch),
         "signals": state.get("signals"),

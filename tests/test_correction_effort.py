@@ -12,6 +12,7 @@ from trainer.correction_effort import (
     FrameEdits,
     count_edits,
     instances_from_cvat_results,
+    saved_cells,
     total,
     vertices,
 )
@@ -109,3 +110,24 @@ def test_frame_edits_add_up() -> None:
     both = total([a, b])
     assert (both.true_cells, both.edits, both.accepted) == (5, 3, 1)
     assert both.to_dict()["edits"] == 3 and both.to_dict()["scratch_edits"] == 5
+
+
+def test_what_cvat_holds_after_the_correction() -> None:
+    """Cells the expert leaves keep the function's outline (with the true label); redrawn and drawn cells get the
+    expert's; deleted ones are gone: this, not the truth, is what the next retrain learns from."""
+    predicted = [
+        disc("neutrophil", 124, 120, 60),       # close enough (IoU > 0.85): left as shown
+        disc("monocyte", 400, 150, 50),         # right outline, wrong label: relabelled, outline kept
+        disc("monocyte", 318, 360, 70),         # outline off (IoU ~0.7): redrawn
+        disc("neutrophil", 560, 420, 30),       # nothing there: deleted
+    ]
+    truth = [*TRUTH, disc("eosinophil", 560, 80, 40)]  # the last is missed: drawn
+    saved = saved_cells(predicted, truth, H, W)
+    assert [c.label for c in saved] == [t.label for t in truth]
+    for got, expected in zip(saved, [predicted[0], predicted[1], truth[2], truth[3]], strict=False):
+        assert np.array_equal(got.to_mask(H, W), expected.to_mask(H, W))
+    assert [c.source for c in saved] == ["auto", "auto", "manual", "manual"]
+    assert not np.array_equal(saved[0].to_mask(H, W), truth[0].to_mask(H, W))
+    assert [c.source for c in saved_cells([], truth, H, W)] == ["manual"] * 4
+    strict = saved_cells(predicted, truth, H, W, EditRules(redraw_iou=0.99))
+    assert all(np.array_equal(c.to_mask(H, W), t.to_mask(H, W)) for c, t in zip(strict, truth, strict=True))

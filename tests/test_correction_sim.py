@@ -21,7 +21,7 @@ from trainer.correction_effort import EditRules
 from trainer.correction_sim import WBC_LABEL, Annotator, Simulation, SimulationConfig, child_env
 from trainer.synthetic import generate_task
 from wbc_core.bundle import write_bundle
-from wbc_core.data.masks import cvat_rle_decode
+from wbc_core.data.masks import cvat_rle_decode, mask_to_polygon
 from wbc_core.data.types import AnnotatedDataset
 
 
@@ -118,6 +118,46 @@ def test_the_annotator_saves_exactly_the_true_outlines(sets: tuple[AnnotatedData
         assert np.array_equal(full, cell.to_mask(record.height, record.width))
     perfect = annotator.edits(record, None)
     assert perfect.drawn == len(record.instances) and perfect.accepted == 0
+
+
+def _decoded(shape: dict, height: int, width: int) -> np.ndarray:
+    *rle, left, top, right, bottom = shape["points"]
+    full = np.zeros((height, width), bool)
+    full[top:bottom + 1, left:right + 1] = cvat_rle_decode(rle, right - left + 1, bottom - top + 1)
+    return full
+
+
+def test_the_annotator_saves_what_cvat_holds_after_its_corrections(
+        sets: tuple[AnnotatedDataset, AnnotatedDataset]) -> None:
+    """A shown cell the expert accepts is saved with the function's outline (CVAT keeps it as it came); a false
+    cell is not saved; with ``ideal`` every cell is saved with its true outline."""
+    from wbc_core.cvat_json import detection_to_cvat_results
+    from wbc_core.detect import Cell, Detection
+
+    pool, _ = sets
+    record = next(r for r in pool.images if r.instances)
+    true = record.instances[0].to_mask(record.height, record.width)
+    shown = np.roll(true, 1, axis=1)                       # one pixel off: accepted as shown
+    false = np.zeros_like(true)
+    false[:12, :12] = True                                 # a cell where there is none
+    cells = []
+    for mask in (shown, false):
+        ys, xs = np.nonzero(mask)
+        cells.append(Cell(label=WBC_LABEL, score=0.95, box=(float(xs.min()), float(ys.min()), float(xs.max() + 1),
+                                                             float(ys.max() + 1)),
+                          mask_crop=mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1],
+                          origin=(int(xs.min()), int(ys.min())), attributes={}))
+        cells[-1].points = mask_to_polygon(cells[-1].mask_crop, offset=cells[-1].origin)
+    results = detection_to_cvat_results(Detection(cells=cells, width=record.width, height=record.height,
+                                                  threshold=0.5, max_cells=100))
+    rules = EditRules(check_labels=False)
+    saved = Annotator(pool, rules).shapes(record.name, 7, results)
+    assert len(saved) == len(record.instances)
+    assert np.array_equal(_decoded(saved[0], record.height, record.width), shown) and saved[0]["source"] == "auto"
+    for shape, cell in zip(saved[1:], record.instances[1:], strict=True):   # not shown: drawn by the expert
+        assert np.array_equal(_decoded(shape, record.height, record.width), cell.to_mask(record.height, record.width))
+    ideal = Annotator(pool, rules, ideal=True).shapes(record.name, 7, results)
+    assert np.array_equal(_decoded(ideal[0], record.height, record.width), true)
 
 
 def test_a_retrain_without_validation_frames_is_skipped_and_any_other_failure_stops_the_run(

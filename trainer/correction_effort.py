@@ -13,6 +13,10 @@ model retrains. :func:`count_edits` compares the shapes CVAT received (the funct
 - **from scratch** (no pre-annotation) every true cell is drawn: one edit per cell, plus all their vertices.
 
 Edits per frame and the ratio to from-scratch are what the correction-effort benchmark reports.
+
+:func:`saved_cells` is what CVAT then holds for the frame, i.e. what the next retrain learns from: a cell the
+expert accepted (or only relabelled) keeps the function's outline, as CVAT stored it; redrawn and drawn cells
+have the expert's outline; deleted cells are gone.
 """
 
 from __future__ import annotations
@@ -127,6 +131,12 @@ def iou_matrix(predicted: Sequence[Instance], truth: Sequence[Instance], height:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def _pairs(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
+           rules: EditRules) -> tuple[list[tuple[int, int]], np.ndarray]:
+    iou = iou_matrix(predicted, truth, height, width)
+    return greedy_pairs(iou, rules.match_iou), iou
+
+
 def count_edits(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
                 rules: EditRules | None = None) -> FrameEdits:
     """The edits that turn ``predicted`` (what CVAT shows) into ``truth`` (the expert's final annotation) on a
@@ -135,8 +145,7 @@ def count_edits(predicted: Sequence[Instance], truth: Sequence[Instance], height
     truth = [t for t in truth if t.has_outline]
     out = FrameEdits(true_cells=len(truth), predicted_cells=len(predicted),
                      scratch_vertices=sum(vertices(t) for t in truth))
-    iou = iou_matrix(predicted, truth, height, width)
-    pairs = greedy_pairs(iou, rules.match_iou)
+    pairs, iou = _pairs(predicted, truth, height, width, rules)
     for p, t in pairs:
         wrong_label = rules.check_labels and predicted[p].label != truth[t].label
         rough = iou[p, t] < rules.redraw_iou
@@ -152,4 +161,24 @@ def count_edits(predicted: Sequence[Instance], truth: Sequence[Instance], height
         if t not in matched_t:
             out.drawn += 1
             out.drawn_vertices += vertices(cell)
+    return out
+
+
+def saved_cells(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
+                rules: EditRules | None = None) -> list[Instance]:
+    """The frame as CVAT holds it once the expert is done (one cell per true cell, in ``truth``'s order): the
+    function's outline where the expert left it (matched and at least ``redraw_iou``), with the true label;
+    the true outline where the expert redrew or drew the cell. Predictions matched to nothing were deleted."""
+    rules = rules or EditRules()
+    truth = [t for t in truth if t.has_outline]
+    pairs, iou = _pairs(predicted, truth, height, width, rules)
+    kept = {t: p for p, t in pairs if iou[p, t] >= rules.redraw_iou}
+    out = []
+    for t, cell in enumerate(truth):
+        if t in kept:
+            shown = predicted[kept[t]]
+            out.append(Instance(label=cell.label, polygon=shown.polygon, mask_crop=shown.mask_crop,
+                                mask_origin=shown.mask_origin, source="auto"))
+        else:
+            out.append(cell)
     return out

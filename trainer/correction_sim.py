@@ -10,8 +10,10 @@ or a real one) and the real commands:
    by the function's uncertainty (:func:`cvat_sync.rank.rank_task`), and put in a new CVAT task (the same
    ``--create-task`` path ``python -m cvat_sync rank`` uses);
 3. the **annotator** opens them: the function's pre-annotation is compared with the truth (the edits spent
-   on the batch), then the truth is saved as the task's annotations over the REST API and its jobs are
-   marked completed, as the expert does in CVAT;
+   on the batch), then the corrected frames are saved as the task's annotations over the REST API and its
+   jobs are marked completed, as the expert does in CVAT. What is saved is what CVAT would hold: the cells
+   the expert left as they were keep the function's outline, redrawn and drawn cells the true one
+   (``ideal_expert``: the true outline of every cell, as if the expert redrew even what they accept);
 4. one **retrain cycle** runs as a subprocess, exactly as cron runs it (``python -m trainer retrain``: pull the
    batch tasks, split, fine-tune from ``current``, gate, promote);
 5. the function **hot-reloads** the promoted bundle, and the next cycle starts.
@@ -36,7 +38,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from trainer.correction_effort import EditRules, FrameEdits, count_edits, instances_from_cvat_results, total
+from trainer.correction_effort import (
+    EditRules,
+    FrameEdits,
+    count_edits,
+    instances_from_cvat_results,
+    saved_cells,
+    total,
+)
 from wbc_core.data.masks import cvat_mask_points
 from wbc_core.data.types import AnnotatedDataset, ImageRecord
 
@@ -61,6 +70,7 @@ class SimulationConfig:
     retrain_timeout_s: float = 3600.0
     segmenter_config: str | None = None     # trainer config YAML for the retrain (default: the packaged CPU one)
     gate: dict[str, Any] | None = None      # the retrain's gate section (default: the retrain defaults)
+    ideal_expert: bool = False              # save every cell's true outline, even those the expert accepted
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -77,25 +87,33 @@ def encode_request(path: Path) -> dict[str, Any]:
 class Annotator:
     """The simulated expert: knows each frame's true cells and counts what correcting a pre-annotation costs."""
 
-    def __init__(self, truth: AnnotatedDataset, rules: EditRules) -> None:
+    def __init__(self, truth: AnnotatedDataset, rules: EditRules, ideal: bool = False) -> None:
         self.records = {r.name: r for r in truth.images}
         self.rules = rules
+        self.ideal = ideal
 
     def edits(self, record: ImageRecord, results: list[dict[str, Any]] | None) -> FrameEdits:
         """Edits to turn the function's ``results`` (None: no model, nothing shown) into the truth of ``record``."""
         predicted = instances_from_cvat_results(results) if results else []
         return count_edits(predicted, record.instances, record.height, record.width, self.rules)
 
-    def shapes(self, name: str, label_id: int) -> list[dict[str, Any]]:
-        """The frame's true cells as the CVAT API shapes the expert's corrected frame holds (masks)."""
+    def shapes(self, name: str, label_id: int, results: list[dict[str, Any]] | None = None
+               ) -> list[dict[str, Any]]:
+        """The CVAT API shapes (masks) of the frame once the expert has corrected the function's ``results``
+        (None: nothing was shown): :func:`trainer.correction_effort.saved_cells`, i.e. the cells the expert
+        left keep the function's outline, the rest have the true one. With ``ideal``, every cell is saved with
+        its true outline (an upper bound: the expert redraws even the outlines they accept)."""
         record = self.records[name]
+        if self.ideal or not results:
+            cells = [c for c in record.instances if c.has_outline]
+        else:
+            cells = saved_cells(instances_from_cvat_results(results), record.instances, record.height, record.width,
+                                self.rules)
         shapes = []
-        for cell in record.instances:
-            if not cell.has_outline:
-                continue
+        for cell in cells:
             points = cvat_mask_points(cell.to_mask(record.height, record.width))
             if points is not None:
-                shapes.append({"type": "mask", "label_id": label_id, "points": points, "source": "manual"})
+                shapes.append({"type": "mask", "label_id": label_id, "points": points, "source": cell.source})
         return shapes
 
 
@@ -128,7 +146,7 @@ class Simulation:
         from trainer.registry import Registry
 
         self.cfg, self.client, self.pool_task = cfg, client, pool_task
-        self.annotator = Annotator(truth, cfg.rules)
+        self.annotator = Annotator(truth, cfg.rules, ideal=cfg.ideal_expert)
         self.held = held
         self.work = Path(work).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -196,8 +214,9 @@ class Simulation:
         for frame, info in enumerate(meta["frames"]):
             name = info["name"]
             record = self.annotator.records[name]
-            edits.append(self.annotator.edits(record, function_results(self.handler, record)))
-            shapes += [{**s, "frame": frame} for s in self.annotator.shapes(name, labels[WBC_LABEL])]
+            results = function_results(self.handler, record)
+            edits.append(self.annotator.edits(record, results))
+            shapes += [{**s, "frame": frame} for s in self.annotator.shapes(name, labels[WBC_LABEL], results)]
             self.corrected.append(name)
         # PUT (replace) rather than PATCH action=create: the expert's final frames, and safe to repeat on a retry
         self.client.request("PUT", f"/api/tasks/{tid}/annotations",

@@ -1,0 +1,31 @@
+"""The correction-effort benchmark resumes a run folder only when its runs were made with the same settings: a
+result never mixes runs of another batch size, budget, start model or expert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import correction_effort
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "bccd-wbc").is_dir(), reason="needs ../shared/data/bccd-wbc")
+def test_a_run_folder_made_with_other_settings_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    args = correction_effort.parser().parse_args(["--data-root", str(SHARED), "--work", str(work), "--batch", "5"])
+    settings = correction_effort.run_settings(args, 205, 72)
+    old = {"runs": [{"order": "random", "seed": 0, "seconds": 1.0, "result": {}}],
+           "settings": {**settings, "ideal_expert": True}}
+    (work / "runs.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit) as stop:
+        correction_effort.main(["--data-root", str(SHARED), "--work", str(work), "--batch", "5", "--orders", "random",
+                                "--seeds", "0", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "other settings" in capsys.readouterr().err
+    assert json.loads((work / "runs.json").read_text()) == old        # nothing written
+    assert not (tmp_path / "out").exists()
