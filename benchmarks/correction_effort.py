@@ -46,12 +46,21 @@ TARGET_FRAMES = 30
 MIN_NONZERO_FRAMES = 5       # a signal seen on fewer pool frames is not kept, whatever its correlation
 
 
-def gate_used(noise_z: float | None) -> dict[str, Any]:
-    """The retrain gate of every cycle: the retrain defaults, with ``--gate-noise-z`` when given."""
+def gate_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The retrain gate settings the command line changes (None: the retrain defaults)."""
+    out: dict[str, Any] = {}
+    if args.gate_noise_z is not None:
+        out["noise_z"] = args.gate_noise_z
+    if args.gate_keep_unedited:
+        out["ignore_unedited"] = False
+    return out or None
+
+
+def gate_used(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The retrain gate of every cycle: the retrain defaults, with the command line's changes."""
     from trainer.retrain import GateConfig
 
-    gate = GateConfig() if noise_z is None else GateConfig(noise_z=noise_z)
-    return dataclasses.asdict(gate)
+    return dataclasses.asdict(GateConfig(**(overrides or {})))
 
 
 def load_split(name: str, data_root: Path, split: str) -> Any:
@@ -135,7 +144,7 @@ def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: An
     rules = EditRules(redraw_iou=args.redraw_iou, check_labels=False)
     cfg = SimulationConfig(order=order, seed=seed, batch=args.batch, cycles=args.cycles, minutes=args.minutes,
                            start=str(args.start) if args.start else None, rules=rules, weights=weights,
-                           gate=None if args.gate_noise_z is None else {"noise_z": args.gate_noise_z},
+                           gate=gate_overrides(args),
                            ideal_expert=args.ideal_expert)
     bundle_labels = list(load_bundle(args.start).contract.labels) if args.start else []
     labels = [{"name": n, "type": "any"} for n in dict.fromkeys([WBC_LABEL, *bundle_labels])]
@@ -155,7 +164,7 @@ def run_settings(args: argparse.Namespace, pool_frames: int, held_frames: int) -
     return {"set": args.set, "start": str(args.start) if args.start else None, "batch": args.batch,
             "cycles": args.cycles, "minutes": args.minutes, "redraw_iou": args.redraw_iou,
             "pool_frames": pool_frames, "held_frames": held_frames, "gate_noise_z": args.gate_noise_z,
-            "ideal_expert": args.ideal_expert}
+            "gate_ignore_unedited": not args.gate_keep_unedited, "ideal_expert": args.ideal_expert}
 
 
 # --- aggregation ----------------------------------------------------------------------------------------------
@@ -257,6 +266,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--held-frames", type=int, help="use this many frames of the test split (seeded choice)")
     ap.add_argument("--gate-noise-z", type=float, metavar="Z",
                     help="the retrain gate's noise_z (default: the retrain default; 0: a fixed allowance alone)")
+    ap.add_argument("--gate-keep-unedited", action="store_true",
+                    help="score the gate's outlines on every cell, the ones CVAT holds as the function drew them "
+                         "included (the gate before issue 14's fix: it favours the model that drew them)")
     ap.add_argument("--ideal-expert", action="store_true",
                     help="save every corrected cell with its true outline, even the ones the expert accepted (an "
                          "upper bound; by default accepted cells keep the function's outline, as CVAT stores them)")
@@ -322,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "expert_saves": ("the true outline of every cell" if args.ideal_expert else
                          "what CVAT holds: the function's outline for the cells left as they were, the true one "
                          "for redrawn and drawn cells"),
-        "gate": gate_used(args.gate_noise_z),   # the retrain gate every cycle ran
+        "gate": gate_used(gate_overrides(args)),   # the retrain gate every cycle ran
         **aggregate(runs, args.orders, scratch),
         "signals": state.get("signals"),
         "runs": [{"order": r["order"], "seed": r["seed"], "seconds": r["seconds"],

@@ -116,7 +116,8 @@ def test_write_read_masks_boxes_attributes(tmp_path: Path) -> None:
     crop[1:4, 2:5] = True
     ds = AnnotatedDataset(
         images=[ImageRecord("a.png", 30, 20, instances=[
-            Instance("wbc", mask_crop=crop, mask_origin=(10, 4), attributes={"stage": "late"}, occluded=True),
+            Instance("wbc", mask_crop=crop, mask_origin=(10, 4), attributes={"stage": "late"}, occluded=True,
+                     source="auto"),
             Instance("rbc", box=(1.0, 2.0, 5.5, 7.25), score=0.75)])],
         labels=["wbc"])
     path = tmp_path / "out" / "instances_default.json"
@@ -129,7 +130,10 @@ def test_write_read_masks_boxes_attributes(tmp_path: Path) -> None:
     assert mask_ann["attributes"] == {"occluded": True, "stage": "late"}
     assert box_ann["segmentation"] == [] and box_ann["bbox"] == [1.0, 2.0, 4.5, 5.25]
     assert box_ann["score"] == 0.75
+    # CVAT's COCO has no source; ours keeps any but "manual" (which cells the function drew, untouched)
+    assert mask_ann["source"] == "auto" and "source" not in box_ann
     back = read_coco(path)
+    assert [i.source for i in back.images[0].instances] == ["auto", "manual"]
     m = back.images[0].instances[0]
     assert np.array_equal(m.to_mask(20, 30), ds.images[0].instances[0].to_mask(20, 30))
     assert m.occluded and m.attributes == {"stage": "late"}

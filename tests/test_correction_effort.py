@@ -3,6 +3,8 @@ function really returns."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -126,8 +128,12 @@ def test_what_cvat_holds_after_the_correction() -> None:
     assert [c.label for c in saved] == [t.label for t in truth]
     for got, expected in zip(saved, [predicted[0], predicted[1], truth[2], truth[3]], strict=False):
         assert np.array_equal(got.to_mask(H, W), expected.to_mask(H, W))
-    assert [c.source for c in saved] == ["auto", "auto", "manual", "manual"]
+    # as CVAT's UI sets them: untouched "auto", label fixed "semi-auto", redrawn/drawn the expert's ("manual")
+    assert [c.source for c in saved] == ["auto", "semi-auto", "manual", "manual"]
+    assert [c.source for c in saved_cells(predicted, truth, H, W, EditRules(check_labels=False))][:2] == ["auto"] * 2
     assert not np.array_equal(saved[0].to_mask(H, W), truth[0].to_mask(H, W))
     assert [c.source for c in saved_cells([], truth, H, W)] == ["manual"] * 4
+    imported = [replace(t, source="auto") for t in truth]   # truth that came in as "auto" is redrawn by hand
+    assert [c.source for c in saved_cells([], imported, H, W)] == ["manual"] * 4
     strict = saved_cells(predicted, truth, H, W, EditRules(redraw_iou=0.99))
     assert all(np.array_equal(c.to_mask(H, W), t.to_mask(H, W)) for c, t in zip(strict, truth, strict=True))

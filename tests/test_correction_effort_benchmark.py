@@ -29,3 +29,15 @@ def test_a_run_folder_made_with_other_settings_is_refused(tmp_path: Path, capsys
     assert "other settings" in capsys.readouterr().err
     assert json.loads((work / "runs.json").read_text()) == old        # nothing written
     assert not (tmp_path / "out").exists()
+
+
+def test_the_gate_every_cycle_runs_is_the_retrain_default_unless_told() -> None:
+    default = correction_effort.parser().parse_args([])
+    assert correction_effort.gate_overrides(default) is None
+    assert correction_effort.gate_used(None)["ignore_unedited"] is True
+    old = correction_effort.parser().parse_args(["--gate-keep-unedited", "--gate-noise-z", "0"])
+    overrides = correction_effort.gate_overrides(old)
+    assert overrides == {"noise_z": 0.0, "ignore_unedited": False}
+    used = correction_effort.gate_used(overrides)
+    assert (used["ignore_unedited"], used["noise_z"]) == (False, 0.0)
+    assert correction_effort.run_settings(old, 5, 5)["gate_ignore_unedited"] is False

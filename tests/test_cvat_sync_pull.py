@@ -58,7 +58,7 @@ def make_task(cvat: StandinCVAT, n_frames: int = 6, segment: int = 3, name: str 
                        "points": [40.0 + f, 40.0, 90.0, 45.5, 80.0, 100.25, 35.0, 90.0]})
         if f % 2 == 0:
             shapes.append({"type": "mask", "frame": f, "label_id": ids["neutrophil"],
-                           "points": mask_points(150 + f, 60, disc)})
+                           "points": mask_points(150 + f, 60, disc), "source": "auto"})
         if f % 3 == 1:
             shapes.append({"type": "rectangle", "frame": f, "label_id": ids["lymphocyte"],
                            "points": [200.0, 150.0, 260.5, 210.25]})
@@ -115,6 +115,9 @@ def test_pull_writes_a_dataset_the_trainer_reads(cvat: StandinCVAT, task: int, t
     assert kinds == ["mask", "mask", "polygon", "polygon", "polygon", "rectangle"]
     mask = next(i for r in data.images for i in r.instances if i.kind == "mask")
     assert mask.label == "neutrophil" and int(mask.mask_crop.sum()) == 16 * 18
+    # the function's untouched cells stay "auto" in the training set (the retrain gate needs to know them)
+    assert {(i.kind, i.source) for r in data.images for i in r.instances} == \
+        {("mask", "auto"), ("polygon", "manual"), ("rectangle", "manual")}
     prov = json.loads((folder / "cvat_sync.json").read_text())
     assert prov["server"] == cvat.url and prov["server_version"] == "2.23.1"
     assert prov["task"]["id"] == task and prov["jobs_filter"] == "completed" and prov["pulled_at"]
@@ -166,6 +169,8 @@ def test_export_path_gives_the_same_training_set(cvat: StandinCVAT, task: int, t
         assert sorted((i.label, i.kind) for i in ra.instances) == sorted((i.label, i.kind) for i in rb.instances)
         for ia in ra.instances:
             ib = next(i for i in rb.instances if (i.label, i.kind) == (ia.label, ia.kind))
+            if fmt.startswith("CVAT"):   # CVAT's COCO export has no shape source; its XML does
+                assert ia.source == ib.source
             if ia.kind == "rectangle":
                 assert np.allclose(ia.box, ib.box, atol=0.01)
             else:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.gate_noise import paired_jackknife_se
+from trainer.evaluate import evaluate_predictions
+from trainer.gate_noise import UNEDITED_SOURCE, gated_values, ignored_sources, paired_jackknife_se
 from trainer.retrain import Cycle, GateConfig, RetrainConfig
 from wbc_core.data.types import AnnotatedDataset, ImageRecord, Instance
 from wbc_core.detect import Cell, Detection
@@ -52,8 +53,6 @@ def _gate(noise_z: float) -> Cycle:
 
 
 def _values(data: AnnotatedDataset, dets: list[Detection]) -> dict[str, float]:
-    from trainer.gate_noise import gated_values
-
     return gated_values(data, dets, LABELS)
 
 
@@ -61,7 +60,8 @@ def test_identical_models_have_no_noise() -> None:
     data, truth = _frames(6)
     dets = [_detection(_shifted(m, 2)) for m in truth]
     se = paired_jackknife_se(data, dets, dets, LABELS)
-    assert set(se) == {"mask_ap", "box_ap", "mask_ap_any", "box_ap_any"} and all(v == 0.0 for v in se.values())
+    assert set(se) == {"mask_ap", "box_ap", "mask_ap_any", "box_ap_any", "found_any"}
+    assert all(v == 0.0 for v in se.values())
 
 
 def test_one_bad_frame_among_few_is_noise_but_worse_everywhere_is_not() -> None:
@@ -101,3 +101,72 @@ def test_noise_z_is_in_the_packaged_retrain_config() -> None:
     assert cfg.gate.noise_z == 1.0
     with pytest.raises(ValueError, match="noise_z"):
         GateConfig(noise_z=-1.0)
+
+
+def _two_cell_frames(n: int, accepted_shift: int) -> tuple[AnnotatedDataset, list[np.ndarray], list[np.ndarray]]:
+    """Frames as CVAT holds them after a correction: a left cell the expert accepted untouched (its "truth" is the
+    incumbent's outline, ``accepted_shift`` px off the real cell) and a right cell the expert redrew."""
+    rng = np.random.default_rng(1)
+    images, real_left, right = [], [], []
+    for i in range(n):
+        left = _disc(rng.uniform(28, 34), rng.uniform(40, 60), 16)
+        redrawn = _disc(rng.uniform(84, 90), rng.uniform(40, 60), 16)
+        real_left.append(left)
+        right.append(redrawn)
+        images.append(ImageRecord(name=f"f{i}.png", width=W, height=H, instances=[
+            Instance(label="wbc", mask_crop=_shifted(left, accepted_shift), source=UNEDITED_SOURCE),
+            Instance(label="wbc", mask_crop=redrawn, source="manual")]))
+    return AnnotatedDataset(images=images, labels=["wbc"]), real_left, right
+
+
+def _two_cells(a: np.ndarray, b: np.ndarray) -> Detection:
+    return Detection(cells=[*_detection(a, 0.9).cells, *_detection(b, 0.95).cells], width=W, height=H)
+
+
+def test_unedited_cells_do_not_favour_the_model_that_drew_them() -> None:
+    """The incumbent drew the accepted cells, so their stored outline is its own: scored on them it wins at the
+    strict IoU thresholds whatever the candidate does. Left out of the outline scores, the two models are judged
+    on the redrawn cells, where the candidate is better; finding cells (found_any) still counts every cell."""
+    data, real_left, right = _two_cell_frames(6, accepted_shift=3)
+    incumbent = [_two_cells(_shifted(m, 3), _shifted(r, 4)) for m, r in zip(real_left, right, strict=True)]
+    candidate = [_two_cells(m, _shifted(r, 1)) for m, r in zip(real_left, right, strict=True)]
+    ignore = ignored_sources(data)
+    assert ignore == (UNEDITED_SOURCE,)
+    biased = {n: gated_values(data, d, LABELS) for n, d in (("incumbent", incumbent), ("candidate", candidate))}
+    fair = {n: gated_values(data, d, LABELS, ignore) for n, d in (("incumbent", incumbent), ("candidate", candidate))}
+    assert fair["candidate"]["mask_ap"] > fair["incumbent"]["mask_ap"] + 0.2
+    assert biased["candidate"]["mask_ap"] - biased["incumbent"]["mask_ap"] < \
+        fair["candidate"]["mask_ap"] - fair["incumbent"]["mask_ap"] - 0.1
+    assert fair["candidate"]["found_any"] == fair["incumbent"]["found_any"] == 1.0
+    missing = [Detection(cells=_detection(_shifted(r, 1)).cells, width=W, height=H) for r in right]
+    assert gated_values(data, missing, LABELS, ignore)["found_any"] < 0.6   # missing the accepted cells shows
+    se = paired_jackknife_se(data, candidate, incumbent, LABELS, ignore_sources=ignore)
+    assert set(se) >= {"mask_ap", "found_any"}
+
+
+def test_ignored_cells_are_neither_found_nor_false() -> None:
+    data, real_left, right = _two_cell_frames(3, accepted_shift=0)
+    only_right = [Detection(cells=_detection(r).cells, width=W, height=H) for r in right]
+    junk_left = [_two_cells(_shifted(m, 12), r) for m, r in zip(real_left, right, strict=True)]
+    for dets in (only_right, junk_left):
+        m = evaluate_predictions(data, dets, LABELS, ignore_sources=(UNEDITED_SOURCE,))
+        assert m["segm"]["AP"] == pytest.approx(1.0) and (m["gt_cells"], m["ignored_cells"]) == (3, 3)
+    assert evaluate_predictions(data, only_right, LABELS)["segm"]["AP"] < 0.6
+
+
+def test_which_sources_the_gate_leaves_out() -> None:
+    data, _, _ = _two_cell_frames(2, accepted_shift=0)
+    assert ignored_sources(data) == (UNEDITED_SOURCE,)
+    assert ignored_sources(data, ignore_unedited=False) == ()
+    untouched = AnnotatedDataset(images=[ImageRecord(name=r.name, width=W, height=H, instances=r.instances[:1])
+                                         for r in data.images], labels=["wbc"])
+    assert ignored_sources(untouched) == ()        # nothing touched: judge on what there is
+    touched = AnnotatedDataset(images=[ImageRecord(name=r.name, width=W, height=H, instances=r.instances[1:])
+                                       for r in data.images], labels=["wbc"])
+    assert ignored_sources(touched) == ()          # nothing unedited: nothing to leave out
+    from wbc_core.data.types import DatasetError
+
+    with pytest.raises(DatasetError, match="ignored"):
+        evaluate_predictions(untouched, [Detection(cells=[], width=W, height=H)] * 2, LABELS,
+                             ignore_sources=(UNEDITED_SOURCE,))
+    assert GateConfig().ignore_unedited and "found_any" in GateConfig().max_drop

@@ -22,7 +22,7 @@ have the expert's outline; deleted cells are gone.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -137,15 +137,23 @@ def _pairs(predicted: Sequence[Instance], truth: Sequence[Instance], height: int
     return greedy_pairs(iou, rules.match_iou), iou
 
 
-def count_edits(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
-                rules: EditRules | None = None) -> FrameEdits:
-    """The edits that turn ``predicted`` (what CVAT shows) into ``truth`` (the expert's final annotation) on a
-    ``width`` x ``height`` frame; see the module doc."""
+def correct_frame(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
+                  rules: EditRules | None = None) -> tuple[FrameEdits, list[Instance]]:
+    """The expert's pass over one ``width`` x ``height`` frame, one match of ``predicted`` (what CVAT shows) to
+    ``truth`` (the expert's final annotation): the edits it takes (see the module doc) and the cells CVAT holds
+    afterwards, one per true cell in ``truth``'s order: the function's outline where the expert left it (matched
+    and at least ``redraw_iou``), with the true label; the true outline where the expert redrew or drew the cell.
+    Predictions matched to nothing were deleted.
+
+    Sources as CVAT's UI sets them: ``auto`` for a cell left exactly as the function returned it, ``semi-auto``
+    for one whose label was fixed (the outline is still the function's), and the truth's own source (``manual``
+    when it said ``auto``) for a redrawn or drawn cell."""
     rules = rules or EditRules()
     truth = [t for t in truth if t.has_outline]
     out = FrameEdits(true_cells=len(truth), predicted_cells=len(predicted),
                      scratch_vertices=sum(vertices(t) for t in truth))
     pairs, iou = _pairs(predicted, truth, height, width, rules)
+    kept: dict[int, tuple[int, bool]] = {}   # true cell -> (prediction left in place, relabelled)
     for p, t in pairs:
         wrong_label = rules.check_labels and predicted[p].label != truth[t].label
         rough = iou[p, t] < rules.redraw_iou
@@ -153,32 +161,34 @@ def count_edits(predicted: Sequence[Instance], truth: Sequence[Instance], height
         if rough:
             out.redrawn += 1
             out.drawn_vertices += vertices(truth[t])
-        if not wrong_label and not rough:
-            out.accepted += 1
+        else:
+            kept[t] = (p, wrong_label)
+            out.accepted += int(not wrong_label)
     matched_t = {t for _, t in pairs}
     out.deleted = len(predicted) - len(pairs)
+    saved = []
     for t, cell in enumerate(truth):
         if t not in matched_t:
             out.drawn += 1
             out.drawn_vertices += vertices(cell)
-    return out
+        if t in kept:
+            p, relabelled = kept[t]
+            shown = predicted[p]
+            saved.append(Instance(label=cell.label, polygon=shown.polygon, mask_crop=shown.mask_crop,
+                                  mask_origin=shown.mask_origin, source="semi-auto" if relabelled else "auto"))
+        else:
+            saved.append(replace(cell, source="manual") if cell.source == "auto" else cell)
+    return out, saved
+
+
+def count_edits(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
+                rules: EditRules | None = None) -> FrameEdits:
+    """The edits that turn ``predicted`` into ``truth`` (:func:`correct_frame`)."""
+    return correct_frame(predicted, truth, height, width, rules)[0]
 
 
 def saved_cells(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
                 rules: EditRules | None = None) -> list[Instance]:
-    """The frame as CVAT holds it once the expert is done (one cell per true cell, in ``truth``'s order): the
-    function's outline where the expert left it (matched and at least ``redraw_iou``), with the true label;
-    the true outline where the expert redrew or drew the cell. Predictions matched to nothing were deleted."""
-    rules = rules or EditRules()
-    truth = [t for t in truth if t.has_outline]
-    pairs, iou = _pairs(predicted, truth, height, width, rules)
-    kept = {t: p for p, t in pairs if iou[p, t] >= rules.redraw_iou}
-    out = []
-    for t, cell in enumerate(truth):
-        if t in kept:
-            shown = predicted[kept[t]]
-            out.append(Instance(label=cell.label, polygon=shown.polygon, mask_crop=shown.mask_crop,
-                                mask_origin=shown.mask_origin, source="auto"))
-        else:
-            out.append(cell)
-    return out
+    """The frame as CVAT holds it once the expert is done (:func:`correct_frame`): this, not the truth, is what
+    the next retrain learns from."""
+    return correct_frame(predicted, truth, height, width, rules)[1]

@@ -41,9 +41,9 @@ import yaml
 from trainer.correction_effort import (
     EditRules,
     FrameEdits,
+    correct_frame,
     count_edits,
     instances_from_cvat_results,
-    saved_cells,
     total,
 )
 from wbc_core.data.masks import cvat_mask_points
@@ -100,21 +100,25 @@ class Annotator:
     def shapes(self, name: str, label_id: int, results: list[dict[str, Any]] | None = None
                ) -> list[dict[str, Any]]:
         """The CVAT API shapes (masks) of the frame once the expert has corrected the function's ``results``
-        (None: nothing was shown): :func:`trainer.correction_effort.saved_cells`, i.e. the cells the expert
-        left keep the function's outline, the rest have the true one. With ``ideal``, every cell is saved with
-        its true outline (an upper bound: the expert redraws even the outlines they accept)."""
-        record = self.records[name]
+        (None: nothing was shown); see :meth:`correct`."""
+        return self.correct(self.records[name], results, label_id)[1]
+
+    def correct(self, record: ImageRecord, results: list[dict[str, Any]] | None, label_id: int
+                ) -> tuple[FrameEdits, list[dict[str, Any]]]:
+        """One pass over the frame (:func:`trainer.correction_effort.correct_frame`): the edits, and the CVAT API
+        shapes (masks, ``label_id``) it saves: the cells the expert left keep the function's outline, the rest
+        have the true one. With ``ideal``, every cell is saved with its true outline (an upper bound: the expert
+        redraws even the outlines they accept)."""
+        predicted = instances_from_cvat_results(results) if results else []
+        edits, cells = correct_frame(predicted, record.instances, record.height, record.width, self.rules)
         if self.ideal or not results:
             cells = [c for c in record.instances if c.has_outline]
-        else:
-            cells = saved_cells(instances_from_cvat_results(results), record.instances, record.height, record.width,
-                                self.rules)
         shapes = []
         for cell in cells:
             points = cvat_mask_points(cell.to_mask(record.height, record.width))
             if points is not None:
                 shapes.append({"type": "mask", "label_id": label_id, "points": points, "source": cell.source})
-        return shapes
+        return edits, shapes
 
 
 def function_results(handler: Any, record: ImageRecord) -> list[dict[str, Any]] | None:
@@ -215,8 +219,9 @@ class Simulation:
             name = info["name"]
             record = self.annotator.records[name]
             results = function_results(self.handler, record)
-            edits.append(self.annotator.edits(record, results))
-            shapes += [{**s, "frame": frame} for s in self.annotator.shapes(name, labels[WBC_LABEL], results)]
+            frame_edits, frame_shapes = self.annotator.correct(record, results, labels[WBC_LABEL])
+            edits.append(frame_edits)
+            shapes += [{**s, "frame": frame} for s in frame_shapes]
             self.corrected.append(name)
         # PUT (replace) rather than PATCH action=create: the expert's final frames, and safe to repeat on a retry
         self.client.request("PUT", f"/api/tasks/{tid}/annotations",

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,14 @@ def _coco_stats(gt: COCO, dets: list[dict], iou_type: str, class_names: list[str
 
 
 def evaluate_predictions(data: AnnotatedDataset, predictions: list[Detection], label_map: LabelMap,
-                         class_agnostic: bool = False) -> dict[str, Any]:
-    """COCO bbox/segm metrics of ``predictions`` (one per frame, same order) against ``data``."""
+                         class_agnostic: bool = False, ignore_sources: Collection[str] = ()) -> dict[str, Any]:
+    """COCO bbox/segm metrics of ``predictions`` (one per frame, same order) against ``data``.
+
+    True cells whose ``source`` is in ``ignore_sources`` are COCO crowd regions: they are not scored, and a
+    detection on one counts neither as found nor as false (``ignored_cells`` says how many)."""
     classes = ["cell"] if class_agnostic else list(label_map.classes)
     images, annotations, dets = [], [], []
-    ann_id = 1
+    ann_id, ignored = 1, 0
     for img_id, (rec, pred) in enumerate(zip(data.images, predictions, strict=True), start=1):
         images.append({"id": img_id, "width": rec.width, "height": rec.height, "file_name": rec.name})
         for inst in rec.outlined():
@@ -67,8 +71,10 @@ def evaluate_predictions(data: AnnotatedDataset, predictions: list[Detection], l
             if area == 0:
                 continue
             ys, xs = np.nonzero(mask)
+            crowd = int(inst.source in ignore_sources)
+            ignored += crowd
             annotations.append({"id": ann_id, "image_id": img_id, "category_id": 1 if class_agnostic else cid,
-                                "segmentation": coco_rle_encode(mask), "area": area, "iscrowd": 0,
+                                "segmentation": coco_rle_encode(mask), "area": area, "iscrowd": crowd,
                                 "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
                                          float(ys.max() - ys.min() + 1)]})
             ann_id += 1
@@ -85,13 +91,17 @@ def evaluate_predictions(data: AnnotatedDataset, predictions: list[Detection], l
                          "segmentation": coco_rle_encode(mask), "bbox": [x0, y0, x1 - x0, y1 - y0]})
     if not annotations:
         raise DatasetError("no ground-truth cells to evaluate against (are the labels in the label map?)")
+    if ignored == len(annotations):
+        raise DatasetError(f"all {ignored} ground-truth cells have a source in {sorted(ignore_sources)} and are "
+                           "ignored: nothing left to score")
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations,
                   "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]}
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return {"bbox": _coco_stats(gt, dets, "bbox", classes), "segm": _coco_stats(gt, dets, "segm", classes),
-            "images": len(images), "gt_cells": len(annotations), "detections": len(dets)}
+            "images": len(images), "gt_cells": len(annotations) - ignored, "ignored_cells": ignored,
+            "detections": len(dets)}
 
 
 def evaluate_bundle(predictor: Predictor, data: AnnotatedDataset, label_map: LabelMap, out_dir: Path | None = None,

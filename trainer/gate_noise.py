@@ -18,27 +18,53 @@ from wbc_core.data.types import AnnotatedDataset, DatasetError
 from wbc_core.detect import Detection
 from wbc_core.labels import LabelMap
 
+UNEDITED_SOURCE = "auto"
+"""CVAT's ``source`` of a shape the function created and nobody touched since: any edit of its outline or label in
+CVAT's UI makes it ``semi-auto``, a shape drawn by hand is ``manual`` (cvat-core ``computeNewSource``)."""
+
 JACKKNIFE_GROUPS = 20
 """At most this many groups of frames are left out in turn (each costs two COCO evaluations per model)."""
-METRICS = ("mask_ap", "box_ap", "mask_ap_any", "box_ap_any")
+METRICS = ("mask_ap", "box_ap", "mask_ap_any", "box_ap_any", "found_any")
 
 
-def gated_values(data: AnnotatedDataset, predictions: list[Detection], label_map: LabelMap) -> dict[str, float]:
-    """The retrain gate's detection metrics of ``predictions`` on ``data`` (``*_any``: class-agnostic)."""
-    m = evaluate_predictions(data, predictions, label_map)
+def ignored_sources(data: AnnotatedDataset, ignore_unedited: bool = True) -> tuple[str, ...]:
+    """The ``source`` values the gate leaves out of its outline scores on ``data``.
+
+    A cell the expert left as the function drew it keeps that model's outline as its "truth": scored against it,
+    the model that drew it wins every such cell at IoU 1.0 and any other model loses it at the strict IoU
+    thresholds, so the gate would favour the incumbent on exactly the cells nobody checked closely. Those cells
+    are ignored regions in the outline scores (``*_ap*``) and still count in ``found_any`` (finding a cell at
+    IoU 0.5 does not depend on whose outline it was). Empty when ``data`` has no unedited cell, or no other
+    (with nothing touched, there is nothing else to judge outlines on)."""
+    if not ignore_unedited:
+        return ()
+    unedited = {c.source == UNEDITED_SOURCE for rec in data.images for c in rec.outlined()}
+    return (UNEDITED_SOURCE,) if unedited == {True, False} else ()
+
+
+def gated_values(data: AnnotatedDataset, predictions: list[Detection], label_map: LabelMap,
+                 ignore_sources: tuple[str, ...] = ()) -> dict[str, float]:
+    """The retrain gate's detection metrics of ``predictions`` on ``data``: ``*_any`` class-agnostic; cells
+    whose source is in ``ignore_sources`` left out of every metric but ``found_any`` (class-agnostic box AP50 over
+    all cells); see :func:`ignored_sources`."""
+    m = evaluate_predictions(data, predictions, label_map, ignore_sources=ignore_sources)
     out = {"mask_ap": m["segm"]["AP"], "box_ap": m["bbox"]["AP"]}
     if len(label_map.classes) > 1:
-        a = evaluate_predictions(data, predictions, label_map, class_agnostic=True)
+        a = evaluate_predictions(data, predictions, label_map, class_agnostic=True, ignore_sources=ignore_sources)
         out.update(mask_ap_any=a["segm"]["AP"], box_ap_any=a["bbox"]["AP"])
     else:
         out.update(mask_ap_any=out["mask_ap"], box_ap_any=out["box_ap"])
+    every = evaluate_predictions(data, predictions, label_map, class_agnostic=True)
+    out["found_any"] = every["bbox"]["AP50"]
     return out
 
 
 def paired_jackknife_se(data: AnnotatedDataset, candidate: list[Detection], current: list[Detection],
-                        label_map: LabelMap, groups: int = JACKKNIFE_GROUPS) -> dict[str, float]:
+                        label_map: LabelMap, groups: int = JACKKNIFE_GROUPS,
+                        ignore_sources: tuple[str, ...] = ()) -> dict[str, float]:
     """Standard error of ``current - candidate`` for each of :data:`METRICS` over the frames of ``data``
-    (``candidate`` and ``current``: each model's detections, one per frame, in the same order). Empty when there
+    (``candidate`` and ``current``: each model's detections, one per frame, in the same order; ``ignore_sources``
+    as in :func:`gated_values`). Empty when there
     are fewer than two groups of frames with cells to score."""
     n = len(data.images)
     if len(candidate) != n or len(current) != n:
@@ -52,8 +78,8 @@ def paired_jackknife_se(data: AnnotatedDataset, candidate: list[Detection], curr
         rest = AnnotatedDataset(images=[data.images[i] for i in keep], labels=list(data.labels),
                                 source=data.source)
         try:
-            cur = gated_values(rest, [current[i] for i in keep], label_map)
-            cand = gated_values(rest, [candidate[i] for i in keep], label_map)
+            cur = gated_values(rest, [current[i] for i in keep], label_map, ignore_sources)
+            cand = gated_values(rest, [candidate[i] for i in keep], label_map, ignore_sources)
         except DatasetError:  # the frames left have no cell to score
             continue
         diffs.append({k: cur[k] - cand[k] for k in METRICS})

@@ -13,7 +13,9 @@
 4. **evaluate** the candidate and the current bundle on the same validation (and frozen test) frames;
 5. **gate**: promote only when no gated metric drops by more than its allowance plus ``gate.noise_z`` x the
    drop's standard error over the validation frames (:mod:`trainer.gate_noise`; and, for the first
-   version, clears ``gate.min``); the registry's ``current`` pointer is switched atomically;
+   version, clears ``gate.min``); outlines are judged on the cells the expert touched (cells CVAT still holds
+   as the function drew them carry that model's own outline: ``gate.ignore_unedited``); the registry's
+   ``current`` pointer is switched atomically;
 6. **report** (``report.json`` + ``report.md`` + ``metrics_by_version.png`` in the cycle folder), prune the
    registry to ``keep_last`` versions, and exit with a code a scheduler can act on (:data:`EXIT_CODES`).
 
@@ -89,15 +91,20 @@ class ClassifierStep:
 @dataclass
 class GateConfig:
     # metric -> largest allowed drop (candidate vs current, absolute). Metrics: mask_ap (per class),
-    # mask_ap_any (class-agnostic: finding and outlining cells), box_ap_any, macro_f1 (classifier).
+    # mask_ap_any (class-agnostic: finding and outlining cells), box_ap_any, found_any (class-agnostic box AP50
+    # over every cell, unedited ones included: finding cells), macro_f1 (classifier).
     max_drop: dict[str, float] = field(default_factory=lambda: {"mask_ap_any": 0.02, "mask_ap": 0.03,
-                                                                  "macro_f1": 0.03})
+                                                                  "found_any": 0.03, "macro_f1": 0.03})
     min: dict[str, float] = field(default_factory=lambda: {"mask_ap_any": 0.0})   # floors (first version too)
     min_val_frames: int = 1
     # A drop is refused only when it exceeds max_drop + noise_z x its standard error over the frames it is
     # measured on (paired jackknife, trainer/gate_noise.py): on a lab's first handful of validation frames one
     # frame moves AP by several points. 0: the fixed allowance alone. macro_f1 has no noise term.
     noise_z: float = 1.0
+    # Cells CVAT still holds as the function returned them (source "auto": the expert accepted them untouched)
+    # are ignored regions in the outline scores (every metric but found_any): their outline is one model's own,
+    # and scoring against it favours that model (trainer/gate_noise.py ignored_sources).
+    ignore_unedited: bool = True
 
     def __post_init__(self) -> None:
         if not self.noise_z >= 0:
@@ -353,7 +360,8 @@ class Cycle:
     # 4. evaluate
     def evaluate(self, bundle_dir: Path, data: AnnotatedDataset, name: str) -> tuple[dict[str, Any], list[Any]]:
         """The gate's metrics of the bundle on ``data``, and its detections (one per frame)."""
-        from trainer.evaluate import evaluate_bundle_with_predictions
+        from trainer.evaluate import evaluate_bundle_with_predictions, evaluate_predictions
+        from trainer.gate_noise import gated_values, ignored_sources
         from wbc_core.bundle import load_bundle
         from wbc_core.detect import Predictor
         from wbc_core.labels import LabelMap
@@ -364,11 +372,15 @@ class Cycle:
         metrics, detections = evaluate_bundle_with_predictions(predictor, data, label_map,
                                                                out_dir=self.dir / "eval" / name, overlays=2,
                                                                progress=self.progress)
-        out = {"mask_ap": metrics["segm"]["AP"], "box_ap": metrics["bbox"]["AP"],
-               "mask_ap50": metrics["segm"].get("AP50"), "frames": len(data.images)}
-        agnostic = metrics.get("class_agnostic") or {"segm": metrics["segm"], "bbox": metrics["bbox"]}
-        out["mask_ap_any"] = agnostic["segm"]["AP"]
-        out["box_ap_any"] = agnostic["bbox"]["AP"]
+        ignore = ignored_sources(data, self.cfg.gate.ignore_unedited)
+        out: dict[str, Any] = {**gated_values(data, detections, label_map, ignore),
+                               "mask_ap50": metrics["segm"].get("AP50"), "frames": len(data.images),
+                               "ignored_sources": list(ignore)}
+        if ignore:
+            scored = evaluate_predictions(data, detections, label_map, ignore_sources=ignore)
+            out.update(scored_cells=scored["gt_cells"], ignored_cells=scored["ignored_cells"])
+            out["all_cells"] = {"mask_ap": metrics["segm"]["AP"], "mask_ap_any": (
+                metrics.get("class_agnostic") or metrics)["segm"]["AP"]}
         out["per_class_mask_ap"] = metrics["segm"].get("per_class", {})
         if bundle.classifier is not None:
             from trainer.classifier.retrain import classifier_macro_f1
@@ -384,12 +396,14 @@ class Cycle:
         ignores noise."""
         if not self.cfg.gate.noise_z:
             return {}
-        from trainer.gate_noise import paired_jackknife_se
+        from trainer.gate_noise import ignored_sources, paired_jackknife_se
         from wbc_core.bundle import load_bundle
         from wbc_core.labels import LabelMap
 
         label_map = LabelMap(classes=list(load_bundle(bundle_dir).classes))
-        return {k: round(v, 4) for k, v in paired_jackknife_se(data, candidate, current, label_map).items()}
+        ignore = ignored_sources(data, self.cfg.gate.ignore_unedited)
+        se = paired_jackknife_se(data, candidate, current, label_map, ignore_sources=ignore)
+        return {k: round(v, 4) for k, v in se.items()}
 
     # 5. gate
     def gate(self, candidate: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]] | None,

@@ -5,6 +5,10 @@ column-major RLE over the whole image (``{"counts": [...], "size": [h, w]}``) wi
 rectangles with an empty ``segmentation`` and only a ``bbox`` ``[x, y, w, h]``, 1-based category
 ids in label order and ``attributes: {occluded, rotation?, ...}``. The reader also accepts
 compressed RLE (str counts) and multi-part polygons (merged into one mask crop).
+
+CVAT's COCO has no place for a shape's ``source`` (``manual``, ``auto``, ``semi-auto``, ...); the writer keeps any
+other than ``manual`` as an extra annotation key ``source`` (COCO readers ignore unknown keys) and the reader
+takes it back, so a pulled task still says which cells the expert left as the function drew them.
 """
 
 from __future__ import annotations
@@ -187,7 +191,8 @@ def _attributes(ann: dict) -> tuple[dict[str, str], bool, float | None]:
 def parse_annotation(ann: dict, label: str, width: int, height: int, where: str) -> Instance | None:
     """One COCO annotation as an Instance (None when its mask is empty)."""
     attributes, occluded, score = _attributes(ann)
-    common = {"label": label, "attributes": attributes, "occluded": occluded, "score": score}
+    common = {"label": label, "attributes": attributes, "occluded": occluded, "score": score,
+              "source": str(ann.get("source") or "manual")}
     seg = ann.get("segmentation")
     if isinstance(seg, dict):
         crop = _rle_crop(seg, width, height, where)
@@ -341,6 +346,8 @@ def _annotation(inst: Instance, ann_id: int, image_id: int, category_id: int, wi
         return None
     ann["bbox"] = [_round(x0), _round(y0), _round(x1 - x0), _round(y1 - y0)]
     ann["attributes"] = attributes
+    if inst.source and inst.source != "manual":
+        ann["source"] = inst.source
     if inst.score is not None:
         ann["score"] = float(inst.score)
     return ann
