@@ -138,6 +138,8 @@ def test_unedited_cells_do_not_favour_the_model_that_drew_them() -> None:
     assert biased["candidate"]["mask_ap"] - biased["incumbent"]["mask_ap"] < \
         fair["candidate"]["mask_ap"] - fair["incumbent"]["mask_ap"] - 0.1
     assert fair["candidate"]["found_any"] == fair["incumbent"]["found_any"] == 1.0
+    assert (fair["candidate"]["scored_cells"], fair["candidate"]["ignored_cells"]) == (6, 6)
+    assert (biased["candidate"]["scored_cells"], biased["candidate"]["ignored_cells"]) == (12, 0)
     missing = [Detection(cells=_detection(_shifted(r, 1)).cells, width=W, height=H) for r in right]
     assert gated_values(data, missing, LABELS, ignore)["found_any"] < 0.6   # missing the accepted cells shows
     se = paired_jackknife_se(data, candidate, incumbent, LABELS, ignore_sources=ignore)

@@ -131,12 +131,6 @@ def iou_matrix(predicted: Sequence[Instance], truth: Sequence[Instance], height:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def _pairs(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
-           rules: EditRules) -> tuple[list[tuple[int, int]], np.ndarray]:
-    iou = iou_matrix(predicted, truth, height, width)
-    return greedy_pairs(iou, rules.match_iou), iou
-
-
 def correct_frame(predicted: Sequence[Instance], truth: Sequence[Instance], height: int, width: int,
                   rules: EditRules | None = None) -> tuple[FrameEdits, list[Instance]]:
     """The expert's pass over one ``width`` x ``height`` frame, one match of ``predicted`` (what CVAT shows) to
@@ -152,7 +146,8 @@ def correct_frame(predicted: Sequence[Instance], truth: Sequence[Instance], heig
     truth = [t for t in truth if t.has_outline]
     out = FrameEdits(true_cells=len(truth), predicted_cells=len(predicted),
                      scratch_vertices=sum(vertices(t) for t in truth))
-    pairs, iou = _pairs(predicted, truth, height, width, rules)
+    iou = iou_matrix(predicted, truth, height, width)
+    pairs = greedy_pairs(iou, rules.match_iou)
     kept: dict[int, tuple[int, bool]] = {}   # true cell -> (prediction left in place, relabelled)
     for p, t in pairs:
         wrong_label = rules.check_labels and predicted[p].label != truth[t].label

@@ -46,9 +46,10 @@ def gated_values(data: AnnotatedDataset, predictions: list[Detection], label_map
                  ignore_sources: tuple[str, ...] = ()) -> dict[str, float]:
     """The retrain gate's detection metrics of ``predictions`` on ``data``: ``*_any`` class-agnostic; cells
     whose source is in ``ignore_sources`` left out of every metric but ``found_any`` (class-agnostic box AP50 over
-    all cells); see :func:`ignored_sources`."""
+    all cells); see :func:`ignored_sources`. Also how many cells were scored and how many ignored."""
     m = evaluate_predictions(data, predictions, label_map, ignore_sources=ignore_sources)
-    out = {"mask_ap": m["segm"]["AP"], "box_ap": m["bbox"]["AP"]}
+    out = {"mask_ap": m["segm"]["AP"], "box_ap": m["bbox"]["AP"], "scored_cells": m["gt_cells"],
+           "ignored_cells": m["ignored_cells"]}
     if len(label_map.classes) > 1:
         a = evaluate_predictions(data, predictions, label_map, class_agnostic=True, ignore_sources=ignore_sources)
         out.update(mask_ap_any=a["segm"]["AP"], box_ap_any=a["bbox"]["AP"])

@@ -360,7 +360,7 @@ class Cycle:
     # 4. evaluate
     def evaluate(self, bundle_dir: Path, data: AnnotatedDataset, name: str) -> tuple[dict[str, Any], list[Any]]:
         """The gate's metrics of the bundle on ``data``, and its detections (one per frame)."""
-        from trainer.evaluate import evaluate_bundle_with_predictions, evaluate_predictions
+        from trainer.evaluate import evaluate_bundle_with_predictions
         from trainer.gate_noise import gated_values, ignored_sources
         from wbc_core.bundle import load_bundle
         from wbc_core.detect import Predictor
@@ -377,8 +377,6 @@ class Cycle:
                                "mask_ap50": metrics["segm"].get("AP50"), "frames": len(data.images),
                                "ignored_sources": list(ignore)}
         if ignore:
-            scored = evaluate_predictions(data, detections, label_map, ignore_sources=ignore)
-            out.update(scored_cells=scored["gt_cells"], ignored_cells=scored["ignored_cells"])
             out["all_cells"] = {"mask_ap": metrics["segm"]["AP"], "mask_ap_any": (
                 metrics.get("class_agnostic") or metrics)["segm"]["AP"]}
         out["per_class_mask_ap"] = metrics["segm"].get("per_class", {})
