@@ -13,7 +13,9 @@ user sees in CVAT), and AP over all cells above 0.05 (the whole precision-recall
   --leave-out SET``), on that set. The shipped starter is trained without Bio-Net (no licence to ship), so it
   is Bio-Net's leave-one-set-out model as it is; pass ``--loso bionet=models/starter``.
 - ``in_domain``: the starter on every set's own test split, beside that set's in-domain model where a result
-  file is given (``--in-domain-ref bccd=benchmarks/results/segmentation_bccd.json``).
+  file is given (``--in-domain-ref bccd=benchmarks/results/segmentation_bccd.json``): the starter may fall at
+  most 0.05 mask AP under it, and BCCD's in-domain model (the default CPU config trained from scratch, issue 2's
+  target) must stay >= 0.85; re-measure it at the code under test before an ``--update``.
 - ``scale_sweep``: every test frame rescaled by 0.5x-2x before ``detect`` (the predictions mapped back to native
   pixels): recall must stay within 0.05 of 1x, whatever the magnification.
 - ``stain_sweep``: every test frame re-stained (hue turned +-20 degrees, saturation 0.6x, pale cytoplasm, a
@@ -260,8 +262,12 @@ def judge(result: dict[str, Any]) -> dict[str, bool]:
     for name, row in result["in_domain"].items():
         if row.get("reference_mask_ap") is not None and row.get("mask_ap") is not None:
             met[f"in_domain_{name}"] = row["reference_mask_ap"] - row["mask_ap"] <= TARGETS["in_domain_drop"]
-    if (result["in_domain"].get("bccd") or {}).get("mask_ap") is not None:
-        met["bccd_in_domain_mask_ap"] = result["in_domain"]["bccd"]["mask_ap"] >= TARGETS["bccd_in_domain_mask_ap"]
+    if "bccd" in result["in_domain"]:
+        # "BCCD in-domain must stay >= 0.85": issue 2's target for the default CPU config trained from scratch on
+        # BCCD (benchmarks/segmentation_bccd.py), which the starter's recipe must not have broken; the starter
+        # itself is held to it by in_domain_bccd (at most 0.05 under it). Not measured: not met.
+        reference = result["in_domain"]["bccd"].get("reference_mask_ap")
+        met["bccd_in_domain_mask_ap"] = reference is not None and reference >= TARGETS["bccd_in_domain_mask_ap"]
     met["bundle_mb"] = result["bundle_mb"] <= TARGETS["bundle_mb"]
     return met
 
@@ -298,6 +304,7 @@ def add_references(result: dict[str, Any], pairs: list[str]) -> None:
             raise SystemExit(f"--in-domain-ref {name}: not among the sets measured ({sorted(result['in_domain'])})")
         result["in_domain"][name]["reference_mask_ap"] = round(reference_mask_ap(ref), 4)
         result["in_domain"][name]["reference"] = ref
+        result["in_domain"][name]["reference_git_sha"] = json.loads(Path(ref).read_text()).get("git_sha")
 
 
 def update(args: argparse.Namespace, shown: list[str]) -> int:

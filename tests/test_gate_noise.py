@@ -162,7 +162,7 @@ def test_which_sources_the_gate_leaves_out() -> None:
     assert ignored_sources(data, ignore_unedited=False) == ()
     untouched = AnnotatedDataset(images=[ImageRecord(name=r.name, width=W, height=H, instances=r.instances[:1])
                                          for r in data.images], labels=["wbc"])
-    assert ignored_sources(untouched) == ()        # nothing touched: judge on what there is
+    assert ignored_sources(untouched) == (UNEDITED_SOURCE,)
     touched = AnnotatedDataset(images=[ImageRecord(name=r.name, width=W, height=H, instances=r.instances[1:])
                                        for r in data.images], labels=["wbc"])
     assert ignored_sources(touched) == ()          # nothing unedited: nothing to leave out
@@ -172,3 +172,37 @@ def test_which_sources_the_gate_leaves_out() -> None:
         evaluate_predictions(untouched, [Detection(cells=[], width=W, height=H)] * 2, LABELS,
                              ignore_sources=(UNEDITED_SOURCE,))
     assert GateConfig().ignore_unedited and "found_any" in GateConfig().max_drop
+
+
+def test_with_nothing_touched_only_finding_cells_is_judged() -> None:
+    """Validation frames whose every cell the expert left as the incumbent drew it hold no outline to judge a
+    candidate on (scored anyway, the incumbent wins every cell): the gate gets found_any alone, and says why."""
+    data, real_left, _ = _two_cell_frames(4, accepted_shift=3)
+    untouched = AnnotatedDataset(images=[ImageRecord(name=r.name, width=W, height=H, instances=r.instances[:1])
+                                         for r in data.images], labels=["wbc"])
+    ignore = ignored_sources(untouched)
+    incumbent = [_detection(_shifted(m, 3)) for m in real_left]       # drew the stored outlines
+    candidate = [_detection(m) for m in real_left]                    # the real cells
+    lost = [Detection(cells=[], width=W, height=H) for _ in real_left]
+    values = {n: gated_values(untouched, d, LABELS, ignore)
+              for n, d in (("incumbent", incumbent), ("candidate", candidate), ("lost", lost))}
+    assert set(values["candidate"]) == {"found_any", "scored_cells", "ignored_cells", "not_judged"}
+    assert values["candidate"]["found_any"] == values["incumbent"]["found_any"] == 1.0
+    assert values["lost"]["found_any"] == 0.0                         # a candidate that stops finding is refused
+    assert (values["candidate"]["scored_cells"], values["candidate"]["ignored_cells"]) == (0, 4)
+    assert gated_values(untouched, candidate, LABELS)["mask_ap"] < gated_values(untouched, incumbent, LABELS)["mask_ap"]
+    se = paired_jackknife_se(untouched, candidate, incumbent, LABELS, ignore_sources=ignore)
+    assert set(se) == {"found_any"}
+
+
+def test_the_gate_says_when_outlines_were_not_judged() -> None:
+    from trainer.gate_noise import OUTLINES_NOT_JUDGED
+
+    retrainer = _gate(noise_z=1.0)
+    current = {"validation": {"mask_ap_any": 0.9, "mask_ap": 0.9, "found_any": 1.0}}
+    kept = {"validation": {"found_any": 1.0, "scored_cells": 0, "ignored_cells": 4, "not_judged": OUTLINES_NOT_JUDGED}}
+    ok, reasons = retrainer.gate(kept, current)
+    assert ok and any(OUTLINES_NOT_JUDGED in r for r in reasons)
+    lost = {"validation": {**kept["validation"], "found_any": 0.5}}
+    ok, reasons = retrainer.gate(lost, current)
+    assert not ok and any("found_any" in r and "REFUSED" in r for r in reasons)

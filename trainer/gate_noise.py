@@ -34,28 +34,38 @@ def ignored_sources(data: AnnotatedDataset, ignore_unedited: bool = True) -> tup
     the model that drew it wins every such cell at IoU 1.0 and any other model loses it at the strict IoU
     thresholds, so the gate would favour the incumbent on exactly the cells nobody checked closely. Those cells
     are ignored regions in the outline scores (``*_ap*``) and still count in ``found_any`` (finding a cell at
-    IoU 0.5 does not depend on whose outline it was). Empty when ``data`` has no unedited cell, or no other
-    (with nothing touched, there is nothing else to judge outlines on)."""
+    IoU 0.5 does not depend on whose outline it was). Empty when ``data`` has no unedited cell. When every cell
+    is unedited there is no outline to judge a candidate on: :func:`gated_values` then gives ``found_any`` alone
+    (scoring them anyway refused candidates for not drawing the incumbent's outlines)."""
     if not ignore_unedited:
         return ()
-    unedited = {c.source == UNEDITED_SOURCE for rec in data.images for c in rec.outlined()}
-    return (UNEDITED_SOURCE,) if unedited == {True, False} else ()
+    unedited = any(c.source == UNEDITED_SOURCE for rec in data.images for c in rec.outlined())
+    return (UNEDITED_SOURCE,) if unedited else ()
+
+
+OUTLINES_NOT_JUDGED = "no cell here was redrawn or drawn by the expert: outlines not judged, only found_any"
+"""Why :func:`gated_values` gives no outline score (the gate says it, rather than skipping the metric quietly)."""
 
 
 def gated_values(data: AnnotatedDataset, predictions: list[Detection], label_map: LabelMap,
-                 ignore_sources: tuple[str, ...] = ()) -> dict[str, float]:
+                 ignore_sources: tuple[str, ...] = ()) -> dict[str, float | int | str]:
     """The retrain gate's detection metrics of ``predictions`` on ``data``: ``*_any`` class-agnostic; cells
     whose source is in ``ignore_sources`` left out of every metric but ``found_any`` (class-agnostic box AP50 over
-    all cells); see :func:`ignored_sources`. Also how many cells were scored and how many ignored."""
+    all cells); see :func:`ignored_sources`. Also how many cells were scored and how many ignored. When every
+    cell is ignored: ``found_any``, the counts and ``not_judged`` (:data:`OUTLINES_NOT_JUDGED`) only."""
+    every = evaluate_predictions(data, predictions, label_map, class_agnostic=True)
+    cells = [c for rec in data.images for c in rec.outlined()]
+    if cells and all(c.source in ignore_sources for c in cells):
+        return {"found_any": every["bbox"]["AP50"], "scored_cells": 0, "ignored_cells": len(cells),
+                "not_judged": OUTLINES_NOT_JUDGED}
     m = evaluate_predictions(data, predictions, label_map, ignore_sources=ignore_sources)
-    out = {"mask_ap": m["segm"]["AP"], "box_ap": m["bbox"]["AP"], "scored_cells": m["gt_cells"],
-           "ignored_cells": m["ignored_cells"]}
+    out: dict[str, float | int | str] = {"mask_ap": m["segm"]["AP"], "box_ap": m["bbox"]["AP"],
+                                         "scored_cells": m["gt_cells"], "ignored_cells": m["ignored_cells"]}
     if len(label_map.classes) > 1:
         a = evaluate_predictions(data, predictions, label_map, class_agnostic=True, ignore_sources=ignore_sources)
         out.update(mask_ap_any=a["segm"]["AP"], box_ap_any=a["bbox"]["AP"])
     else:
         out.update(mask_ap_any=out["mask_ap"], box_ap_any=out["box_ap"])
-    every = evaluate_predictions(data, predictions, label_map, class_agnostic=True)
     out["found_any"] = every["bbox"]["AP50"]
     return out
 
@@ -65,8 +75,8 @@ def paired_jackknife_se(data: AnnotatedDataset, candidate: list[Detection], curr
                         ignore_sources: tuple[str, ...] = ()) -> dict[str, float]:
     """Standard error of ``current - candidate`` for each of :data:`METRICS` over the frames of ``data``
     (``candidate`` and ``current``: each model's detections, one per frame, in the same order; ``ignore_sources``
-    as in :func:`gated_values`). Empty when there
-    are fewer than two groups of frames with cells to score."""
+    as in :func:`gated_values`). A metric is left out when fewer than two groups of frames leave cells to score
+    it on."""
     n = len(data.images)
     if len(candidate) != n or len(current) != n:
         raise ValueError(f"need one detection per frame: {n} frames, {len(candidate)} and {len(current)} detections")
@@ -83,12 +93,11 @@ def paired_jackknife_se(data: AnnotatedDataset, candidate: list[Detection], curr
             cand = gated_values(rest, [candidate[i] for i in keep], label_map, ignore_sources)
         except DatasetError:  # the frames left have no cell to score
             continue
-        diffs.append({k: cur[k] - cand[k] for k in METRICS})
-    g = len(diffs)
-    if g < 2:
-        return {}
+        diffs.append({k: float(cur[k]) - float(cand[k]) for k in METRICS if k in cur and k in cand})
     out = {}
     for k in METRICS:
-        v = np.array([d[k] for d in diffs], np.float64)
-        out[k] = float(np.sqrt((g - 1) / g * np.sum((v - v.mean()) ** 2)))
+        v = np.array([d[k] for d in diffs if k in d], np.float64)
+        g = len(v)
+        if g >= 2:      # a metric scored on fewer than two of the subsets has no standard error
+            out[k] = float(np.sqrt((g - 1) / g * np.sum((v - v.mean()) ** 2)))
     return out

@@ -411,6 +411,8 @@ class Cycle:
         reasons: list[str] = []
         ok = True
         for split, cand in candidate.items():
+            if cand.get("not_judged"):
+                reasons.append(f"{split}: {cand['not_judged']}")
             for metric, floor in self.cfg.gate.min.items():
                 if metric in cand:
                     below = cand[metric] < floor
