@@ -40,3 +40,11 @@ def test_no_libc_means_no_trimming(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(ctypes, "CDLL", missing)
     ts._malloc_trimmer()()                                 # a no-op, not an error
+
+
+def test_the_resident_set_is_read_from_proc() -> None:
+    import resource
+
+    now = ts._resident_mb()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert 10 < now <= peak + 1                            # MB, and never above this process's peak

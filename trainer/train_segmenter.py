@@ -208,9 +208,9 @@ def init_distributed(device_kind: str) -> Distributed:
 TRIM_ABOVE_MB = 3200
 """Freed heap goes back to the OS (after any step) only while the trainer's resident set is above this. glibc keeps
 freed pages when tensor shapes vary step to step (scale jitter, rotations), so on 4032x3024 slides RSS creeps past
-the 4 GB target; trimming keeps it at 3.5 GB there. Each trim makes the next step fault its working set in again:
-trimming every 5 steps always cost BCCD's 640x480 frames (about 3 GB resident) 6% of a step (1.82 s against
-1.71 s), 235 of the 2044 steps of the 58-minute in-domain run."""
+the 4 GB target; trimming keeps it at 3.7 GB there (benchmarks/train_memory.py). Each trim makes the next step
+fault its working set in again: trimming every 5 steps whatever the size cost BCCD's 640x480 frames (under 3 GB
+resident) 6% of a step (1.82 s against 1.71 s), part of the steps the 58-minute in-domain run lost."""
 
 
 def _resident_mb() -> float:
