@@ -143,6 +143,7 @@ def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: An
 
     rules = EditRules(redraw_iou=args.redraw_iou, check_labels=False)
     cfg = SimulationConfig(order=order, seed=seed, batch=args.batch, cycles=args.cycles, minutes=args.minutes,
+                           min_steps=args.min_steps,
                            start=str(args.start) if args.start else None, rules=rules, weights=weights,
                            gate=gate_overrides(args),
                            ideal_expert=args.ideal_expert)
@@ -159,10 +160,17 @@ def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: An
             return sim.run()
 
 
+def min_steps_used(args: argparse.Namespace) -> int:
+    from trainer.retrain import SegmenterStep
+
+    return SegmenterStep().min_steps if args.min_steps is None else args.min_steps
+
+
 def run_settings(args: argparse.Namespace, pool_frames: int, held_frames: int) -> dict[str, Any]:
     """What a run's result depends on besides its order and seed (a resumed --work folder must match)."""
     return {"set": args.set, "start": str(args.start) if args.start else None, "batch": args.batch,
-            "cycles": args.cycles, "minutes": args.minutes, "redraw_iou": args.redraw_iou,
+            "cycles": args.cycles, "minutes": args.minutes, "min_steps": min_steps_used(args),
+            "redraw_iou": args.redraw_iou,
             "pool_frames": pool_frames, "held_frames": held_frames, "gate_noise_z": args.gate_noise_z,
             "gate_ignore_unedited": not args.gate_keep_unedited, "ideal_expert": args.ideal_expert}
 
@@ -261,6 +269,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--minutes", type=float, default=2.5, help="fine-tuning budget per retrain cycle")
+    ap.add_argument("--min-steps", type=int, metavar="N",
+                    help="each retrain trains at least N steps within --minutes (segmenter.min_steps; default: the "
+                         "retrain default; 0: the config's epochs alone, which end a 6-frame fine-tune after 42)")
     ap.add_argument("--redraw-iou", type=float, default=0.85)
     ap.add_argument("--pool-frames", type=int, help="use this many frames of the training split (seeded choice)")
     ap.add_argument("--held-frames", type=int, help="use this many frames of the test split (seeded choice)")
@@ -329,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "sets": [args.set], "batch": args.batch, "seeds": args.seeds, "cycles": args.cycles,
         "start": str(args.start) if args.start else None, "minutes_per_cycle": args.minutes,
+        "min_steps_per_cycle": min_steps_used(args),
         "pool_frames": len(pool.images), "held_back_frames": len(held.images),
         "rules": {"redraw_iou": args.redraw_iou, "match_iou": rules.match_iou, "labels": "class-agnostic"},
         "expert_saves": ("the true outline of every cell" if args.ideal_expert else

@@ -41,3 +41,11 @@ def test_the_gate_every_cycle_runs_is_the_retrain_default_unless_told() -> None:
     used = correction_effort.gate_used(overrides)
     assert (used["ignore_unedited"], used["noise_z"]) == (False, 0.0)
     assert correction_effort.run_settings(old, 5, 5)["gate_ignore_unedited"] is False
+
+
+def test_the_steps_each_retrain_trains_are_part_of_the_settings() -> None:
+    default = correction_effort.run_settings(correction_effort.parser().parse_args([]), 5, 5)
+    assert default["min_steps"] == 400, "the retrain default"
+    old = correction_effort.run_settings(correction_effort.parser().parse_args(["--min-steps", "0"]), 5, 5)
+    assert old["min_steps"] == 0
+    assert old != default, "runs made before min_steps (42-step fine-tunes) are never resumed into a new result"

@@ -5,6 +5,7 @@ subprocess, the function hot-reloads what was promoted."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ def _simulation(tmp_path: Path, order: str, start: Path | None, pool: AnnotatedD
                 ) -> tuple[StandinCVAT, Simulation]:
     seg = tmp_path / f"segmenter-{order}.yaml"
     seg.write_text(yaml.safe_dump({**TINY_SEGMENTER, "train": {**TINY_SEGMENTER["train"], "epochs": 2}}))
-    cfg = SimulationConfig(order=order, seed=3, batch=4, cycles=1, minutes=0.2, start=str(start) if start else None,
+    cfg = SimulationConfig(order=order, seed=3, batch=4, cycles=1, minutes=0.2, min_steps=0,
+                           start=str(start) if start else None,
                            segmenter_config=str(seg), val_fraction=0.5,
                            gate={"max_drop": {"mask_ap_any": 1.0}, "min": {"mask_ap_any": 0.0}})
     cvat = StandinCVAT(seed=3).start()
@@ -75,6 +77,11 @@ def test_from_no_model_every_cell_is_drawn_then_a_retrain_serves_a_model(
         assert len(task.shapes) == sum(len(truth[f.name].instances) for f in task.frames)
         assert all(cvat.job(j).state == "completed" for j in task.jobs)
         assert result["batch_edits"] == [sum(len(truth[f.name].instances) for f in task.frames)]
+        if cycle["retrain"]["decision"] != "skipped: no validation frames yet":
+            # the retrain trained the tiny config's 2 epochs (min_steps 0) and the cycle says how many steps
+            assert yaml.safe_load((tmp_path / "random" / "retrain.yaml").read_text()
+                                  )["segmenter"]["min_steps"] == 0
+            assert cycle["retrain"]["train_steps"] == 2 * math.ceil(cycle["retrain"]["train_frames"] / 2)
         if cycle["retrain"]["decision"] == "promoted":
             assert after["version"] == sim.registry.current() == "v0001"
             assert sim.handler is not None and sim.handler.bundle_path.name == "v0001"  # served after the reload

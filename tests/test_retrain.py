@@ -50,7 +50,8 @@ def _write_config(root: Path, tasks: list[int], epochs: int) -> Path:
            "keep_last": 3, "labels": "labels.yaml",
            "split": {"val_fraction": 0.25, "frozen_test": ["frozen"]},
            # from the tiny config's random weights (the starter's own path: tests/test_retrain_starter.py)
-           "segmenter": {"config": "segmenter.yaml", "max_minutes": None, "first": "scratch"},
+           # the tiny config's epochs alone decide (min_steps 0): the retrain default of 400 steps is for real pools
+           "segmenter": {"config": "segmenter.yaml", "max_minutes": None, "first": "scratch", "min_steps": 0},
            # the tiny model's scores move by a few points between fine-tunes; corrupted labels wipe them out
            "gate": {"max_drop": {"mask_ap_any": 0.15}, "min": {"mask_ap_any": 0.1}}}
     path = root / "retrain.yaml"

@@ -61,6 +61,17 @@ def test_trains_and_finds_cells(tasks: tuple[Path, Path], tmp_path: Path) -> Non
     assert list((tmp_path / "eval").glob("overlay_*.png"))
 
 
+def test_min_steps_trains_a_small_set_for_more_epochs(tmp_path: Path) -> None:
+    generate_task(tmp_path / "few", n_images=4, width=640, height=480, seed=13)
+    cfg = tiny_config(epochs=1, min_steps=5)
+    few = load_dataset(tmp_path / "few", label_map=cfg.labels, require_images=True)
+    bundle = train_segmenter(cfg, few, tmp_path / "run", progress=False)
+    rows = (tmp_path / "run" / "losses.csv").read_text().splitlines()[1:]
+    assert len(rows) == 6, "4 frames, batch 2: 3 epochs of 2 steps are the fewest that reach 5 steps"
+    assert {r.split(",")[1] for r in rows} == {"0", "1", "2"}
+    assert yaml.safe_load((bundle / "bundle.yaml").read_text())["provenance"]["steps"] == 6
+
+
 def test_resume_continues_exactly(tasks: tuple[Path, Path], tmp_path: Path) -> None:
     cfg = tiny_config(epochs=2)
     train = load_dataset(tasks[0], label_map=cfg.labels, require_images=True)

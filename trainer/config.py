@@ -19,6 +19,9 @@ from wbc_core.model import SegmenterConfig
 class OptimConfig:
     seed: int = 0
     epochs: int = 24
+    # With few frames, raise the epochs until training runs at least this many steps (0: epochs alone decide).
+    # A fine-tune on a lab's first 6 frames is otherwise over after 42 steps and leaves most of its budget unused.
+    min_steps: int = 0
     max_minutes: float | None = None   # stop early (and still write a bundle) after this much training
     batch_size: int = 2
     optimizer: str = "adamw"           # adamw | sgd
@@ -39,6 +42,8 @@ class OptimConfig:
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {self.optimizer!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, not {self.min_steps}")
 
 
 @dataclass

@@ -62,6 +62,7 @@ class SimulationConfig:
     batch: int = 10                         # frames corrected per cycle
     cycles: int = 3                         # retrain cycles (frames corrected = batch x cycles)
     minutes: float = 3.0                    # fine-tuning budget of each retrain (segmenter.max_minutes)
+    min_steps: int | None = None            # segmenter.min_steps of each retrain (None: the retrain default)
     start: str | None = None                # bundle served before the first correction (None: no model)
     rules: EditRules = field(default_factory=lambda: EditRules(check_labels=False))
     weights: dict[str, float] | None = None  # ranking weights (None: wbc_core.uncertainty.DEFAULT_WEIGHTS)
@@ -241,6 +242,7 @@ class Simulation:
             "labels": "labels.yaml", "registry": "registry", "work_dir": "cycles", "keep_last": 3,
             "split": {"val_fraction": self.cfg.val_fraction},
             "segmenter": {"max_minutes": self.cfg.minutes, "first": "scratch",
+                          **({"min_steps": self.cfg.min_steps} if self.cfg.min_steps is not None else {}),
                           **({"config": str(Path(self.cfg.segmenter_config).resolve())}
                              if self.cfg.segmenter_config else {})},
             "classifier": {"steps": 0}, **({"gate": self.cfg.gate} if self.cfg.gate else {})}))
@@ -259,9 +261,12 @@ class Simulation:
         if done.returncode not in (0, 10):
             raise RuntimeError(f"trainer retrain failed (exit {done.returncode}); log in {self.work / 'retrain.log'}:"
                                f"\n{done.stderr[-2000:]}")
-        report = json.loads(sorted((self.work / "cycles").glob("cycle-*/report.json"))[-1].read_text())
+        report_path = sorted((self.work / "cycles").glob("cycle-*/report.json"))[-1]
+        report = json.loads(report_path.read_text())
+        losses = report_path.parent / "segmenter" / "losses.csv"
         return {"exit_code": done.returncode, "decision": report.get("decision"), "version": report.get("version"),
                 "seconds": round(seconds, 1), "steps_s": report.get("steps_s"),
+                "train_steps": len(losses.read_text().splitlines()) - 1 if losses.is_file() else None,
                 "val_frames": report.get("data", {}).get("val_frames"),
                 "train_frames": report.get("data", {}).get("train_frames")}
 

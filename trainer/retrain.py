@@ -75,11 +75,18 @@ class SegmenterStep:
     config: str | None = None               # trainer config YAML (default: the packaged CPU config)
     max_minutes: float | None = 10.0
     epochs: int | None = None
+    # a lab's first cycles hold a handful of frames: the config's epochs would end a fine-tune on 6 frames after
+    # 42 steps, leaving most of max_minutes unused; raise the epochs to run at least this many steps (0: off)
+    min_steps: int = 400
     from_current: bool = True               # fine-tune from the current bundle (False: from config weights)
     # what the first version (empty registry) fine-tunes from: "starter" (the shipped models/starter), "scratch"
     # (the config's weights), or a bundle folder
     first: str = "starter"
     finetune_lr_scale: float = 0.3          # fine-tuning uses the config's lr times this (and a short warm-up)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min_steps, int) and self.min_steps >= 0):
+            raise ValueError(f"segmenter.min_steps must be a whole number >= 0, not {self.min_steps!r}")
 
 
 @dataclass
@@ -312,6 +319,7 @@ class Cycle:
             tcfg.train.max_minutes = seg.max_minutes
         if seg.epochs:
             tcfg.train.epochs = seg.epochs
+        tcfg.train.min_steps = seg.min_steps
         base = self.base_bundle(current)
         if base is not None:
             from trainer.config import finetune_from_bundle

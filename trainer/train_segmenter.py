@@ -34,7 +34,7 @@ import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from trainer.config import TrainConfig
+from trainer.config import OptimConfig, TrainConfig
 from trainer.data.segmentation_dataset import SegmentationDataset, collate
 from wbc_core.atomic import atomic_torch_save, atomic_write_bytes
 from wbc_core.bundle import write_bundle
@@ -244,6 +244,13 @@ def git_sha() -> str:
         return "unknown"
 
 
+def epochs_to_run(opt: OptimConfig, steps_per_epoch: int) -> int:
+    """``opt.epochs``, raised when that many epochs would run fewer than ``opt.min_steps`` steps."""
+    if opt.min_steps <= 0:
+        return opt.epochs
+    return max(opt.epochs, math.ceil(opt.min_steps / max(1, steps_per_epoch)))
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float, time_progress: float = 0.0) -> float:
     """Linear warm-up, then cosine decay. With a time limit the decay follows whichever of steps or
     time is further along, so a time-limited run still ends on a fully decayed learning rate."""
@@ -343,7 +350,8 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
         sampler = SetBatchSampler(groups[0], groups[1], opt.batch_size, opt.seed, ddp.rank, ddp.world)
     steps_per_epoch = math.ceil(math.ceil(len(dataset) / ddp.world) / opt.batch_size)
     dataset.prepare_scale(progress=progress)
-    total_steps = steps_per_epoch * opt.epochs
+    epochs = epochs_to_run(opt, steps_per_epoch)
+    total_steps = steps_per_epoch * epochs
 
     model = build_model(cfg.model, len(cfg.labels.classes)).to(device)
     jitter = sorted({int(round(cfg.model.min_size * s / 16) * 16) for s in opt.scale_jitter} - {cfg.model.min_size})
@@ -394,14 +402,16 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
                            "torch_rng": torch.get_rng_state()}, ckpt_path)
 
     log.info("training %s on %d frames (%d cells, %d box-only frames), %d epochs x %d steps, batch %d, %s",
-             cfg.model.backbone, len(dataset), n_cells, sum(dataset.box_only), opt.epochs, steps_per_epoch,
+             cfg.model.backbone, len(dataset), n_cells, sum(dataset.box_only), epochs, steps_per_epoch,
              opt.batch_size, f"limit {opt.max_minutes} min" if opt.max_minutes else "no time limit")
+    if epochs > opt.epochs:
+        log.info("%d epochs instead of %d: at least %d steps (train.min_steps)", epochs, opt.epochs, opt.min_steps)
     bundle_dir = out_dir / "bundle"
     trim = _malloc_trimmer()
     stop = False
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
-    while epoch < opt.epochs and not stop:
+    while epoch < epochs and not stop:
         start_in_epoch = step - epoch * steps_per_epoch
         dataset.set_epoch(epoch)
         if isinstance(sampler, SetBatchSampler):
