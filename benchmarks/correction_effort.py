@@ -144,6 +144,7 @@ def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: An
     rules = EditRules(redraw_iou=args.redraw_iou, check_labels=False)
     cfg = SimulationConfig(order=order, seed=seed, batch=args.batch, cycles=args.cycles, minutes=args.minutes,
                            min_steps=args.min_steps,
+                           ignore_unedited_outlines=not args.learn_unedited_outlines,
                            start=str(args.start) if args.start else None, rules=rules, weights=weights,
                            gate=gate_overrides(args),
                            ideal_expert=args.ideal_expert)
@@ -170,6 +171,7 @@ def run_settings(args: argparse.Namespace, pool_frames: int, held_frames: int) -
     """What a run's result depends on besides its order and seed (a resumed --work folder must match)."""
     return {"set": args.set, "start": str(args.start) if args.start else None, "batch": args.batch,
             "cycles": args.cycles, "minutes": args.minutes, "min_steps": min_steps_used(args),
+            "learn_unedited_outlines": args.learn_unedited_outlines,
             "redraw_iou": args.redraw_iou,
             "pool_frames": pool_frames, "held_frames": held_frames, "gate_noise_z": args.gate_noise_z,
             "gate_ignore_unedited": not args.gate_keep_unedited, "ideal_expert": args.ideal_expert}
@@ -272,6 +274,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-steps", type=int, metavar="N",
                     help="each retrain trains at least N steps within --minutes (segmenter.min_steps; default: the "
                          "retrain default; 0: the config's epochs alone, which end a 6-frame fine-tune after 42)")
+    ap.add_argument("--learn-unedited-outlines", action="store_true",
+                    help="the retrains learn outlines from the cells CVAT holds as the function drew them too "
+                         "(segmenter.ignore_unedited_outlines: false; by default they train finding cells only)")
     ap.add_argument("--redraw-iou", type=float, default=0.85)
     ap.add_argument("--pool-frames", type=int, help="use this many frames of the training split (seeded choice)")
     ap.add_argument("--held-frames", type=int, help="use this many frames of the test split (seeded choice)")
@@ -341,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         "sets": [args.set], "batch": args.batch, "seeds": args.seeds, "cycles": args.cycles,
         "start": str(args.start) if args.start else None, "minutes_per_cycle": args.minutes,
         "min_steps_per_cycle": min_steps_used(args),
+        "outlines_learned_from": ("every saved cell" if args.learn_unedited_outlines else
+                                  "the cells the expert drew or redrew (not those left as the function drew them)"),
         "pool_frames": len(pool.images), "held_back_frames": len(held.images),
         "rules": {"redraw_iou": args.redraw_iou, "match_iou": rules.match_iou, "labels": "class-agnostic"},
         "expert_saves": ("the true outline of every cell" if args.ideal_expert else

@@ -49,3 +49,11 @@ def test_the_steps_each_retrain_trains_are_part_of_the_settings() -> None:
     old = correction_effort.run_settings(correction_effort.parser().parse_args(["--min-steps", "0"]), 5, 5)
     assert old["min_steps"] == 0
     assert old != default, "runs made before min_steps (42-step fine-tunes) are never resumed into a new result"
+
+
+def test_whether_retrains_learn_unedited_outlines_is_part_of_the_settings() -> None:
+    default = correction_effort.run_settings(correction_effort.parser().parse_args([]), 5, 5)
+    assert default["learn_unedited_outlines"] is False, "the retrain default: outlines from touched cells only"
+    old = correction_effort.run_settings(
+        correction_effort.parser().parse_args(["--learn-unedited-outlines"]), 5, 5)
+    assert old != default, "runs that learned the function's own outlines are never resumed into a new result"

@@ -72,8 +72,11 @@ def test_min_steps_trains_a_small_set_for_more_epochs(tmp_path: Path) -> None:
     assert yaml.safe_load((bundle / "bundle.yaml").read_text())["provenance"]["steps"] == 6
 
 
-def test_resume_continues_exactly(tasks: tuple[Path, Path], tmp_path: Path) -> None:
-    cfg = tiny_config(epochs=2)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_continues_exactly(tasks: tuple[Path, Path], tmp_path: Path, workers: int) -> None:
+    # with a worker, the straight run's worker lives across both epochs and the resumed run starts a new one:
+    # each index carries its epoch, so both draw the same augmentation
+    cfg = tiny_config(epochs=2, num_workers=workers)
     train = load_dataset(tasks[0], label_map=cfg.labels, require_images=True)
     train.images = train.images[:6]
     straight = train_segmenter(cfg, train, tmp_path / "a", progress=False)

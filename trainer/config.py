@@ -36,6 +36,9 @@ class OptimConfig:
     num_workers: int = 1
     threads: int = 0                   # torch intra-op threads; 0 = all cores
     device: str = "auto"               # auto (cuda if available) | cpu | cuda | cuda:N
+    # Cells with these CVAT sources train finding cells but not outlines (no mask loss). The retrain sets
+    # ["auto"]: a cell the expert left as the function drew it carries the serving model's outline, not theirs.
+    mask_skip_sources: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
@@ -44,6 +47,11 @@ class OptimConfig:
             raise ValueError("batch_size and epochs must be >= 1")
         if self.min_steps < 0:
             raise ValueError(f"min_steps must be >= 0, not {self.min_steps}")
+        if not (isinstance(self.mask_skip_sources, list | tuple)
+                and all(isinstance(x, str) and x for x in self.mask_skip_sources)):
+            raise ValueError(f"mask_skip_sources must be a list of CVAT sources (e.g. [auto]), not "
+                             f"{self.mask_skip_sources!r}")
+        self.mask_skip_sources = list(self.mask_skip_sources)
 
 
 @dataclass

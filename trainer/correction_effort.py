@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from wbc_core.data.masks import decode_cvat_function_mask, mask_to_polygon
-from wbc_core.data.types import Instance
+from wbc_core.data.types import UNEDITED_SOURCE, Instance
 from wbc_core.matching import greedy_pairs
 
 #: Outline simplification (px) used to count the vertices of a drawn cell, as a careful annotator clicks.
@@ -94,10 +94,11 @@ def instances_from_cvat_results(results: Sequence[dict[str, Any]]) -> list[Insta
         kind = item.get("type")
         if kind == "mask" and item.get("mask"):
             crop, (xtl, ytl, _, _) = decode_cvat_function_mask(list(item["mask"]))
-            cells.append(Instance(label=str(item["label"]), mask_crop=crop, mask_origin=(xtl, ytl), source="auto"))
+            cells.append(Instance(label=str(item["label"]), mask_crop=crop, mask_origin=(xtl, ytl),
+                                  source=UNEDITED_SOURCE))
         elif kind in ("mask", "polygon") and item.get("points"):
             cells.append(Instance(label=str(item["label"]), polygon=np.asarray(item["points"], float).reshape(-1, 2),
-                                  source="auto"))
+                                  source=UNEDITED_SOURCE))
         else:
             raise ValueError(f"a CVAT result of type {kind!r} without a mask or points: {str(item)[:120]}")
     return cells
@@ -170,9 +171,9 @@ def correct_frame(predicted: Sequence[Instance], truth: Sequence[Instance], heig
             p, relabelled = kept[t]
             shown = predicted[p]
             saved.append(Instance(label=cell.label, polygon=shown.polygon, mask_crop=shown.mask_crop,
-                                  mask_origin=shown.mask_origin, source="semi-auto" if relabelled else "auto"))
+                                  mask_origin=shown.mask_origin, source="semi-auto" if relabelled else UNEDITED_SOURCE))
         else:
-            saved.append(replace(cell, source="manual") if cell.source == "auto" else cell)
+            saved.append(replace(cell, source="manual") if cell.source == UNEDITED_SOURCE else cell)
     return out, saved
 
 

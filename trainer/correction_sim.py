@@ -63,6 +63,8 @@ class SimulationConfig:
     cycles: int = 3                         # retrain cycles (frames corrected = batch x cycles)
     minutes: float = 3.0                    # fine-tuning budget of each retrain (segmenter.max_minutes)
     min_steps: int | None = None            # segmenter.min_steps of each retrain (None: the retrain default)
+    # segmenter.ignore_unedited_outlines of each retrain (None: the retrain default)
+    ignore_unedited_outlines: bool | None = None
     start: str | None = None                # bundle served before the first correction (None: no model)
     rules: EditRules = field(default_factory=lambda: EditRules(check_labels=False))
     weights: dict[str, float] | None = None  # ranking weights (None: wbc_core.uncertainty.DEFAULT_WEIGHTS)
@@ -243,6 +245,8 @@ class Simulation:
             "split": {"val_fraction": self.cfg.val_fraction},
             "segmenter": {"max_minutes": self.cfg.minutes, "first": "scratch",
                           **({"min_steps": self.cfg.min_steps} if self.cfg.min_steps is not None else {}),
+                          **({"ignore_unedited_outlines": self.cfg.ignore_unedited_outlines}
+                             if self.cfg.ignore_unedited_outlines is not None else {}),
                           **({"config": str(Path(self.cfg.segmenter_config).resolve())}
                              if self.cfg.segmenter_config else {})},
             "classifier": {"steps": 0}, **({"gate": self.cfg.gate} if self.cfg.gate else {})}))

@@ -14,13 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.evaluate import evaluate_predictions
-from wbc_core.data.types import AnnotatedDataset, DatasetError
+from wbc_core.data.types import UNEDITED_SOURCE, AnnotatedDataset, DatasetError
 from wbc_core.detect import Detection
 from wbc_core.labels import LabelMap
-
-UNEDITED_SOURCE = "auto"
-"""CVAT's ``source`` of a shape the function created and nobody touched since: any edit of its outline or label in
-CVAT's UI makes it ``semi-auto``, a shape drawn by hand is ``manual`` (cvat-core ``computeNewSource``)."""
 
 JACKKNIFE_GROUPS = 20
 """At most this many groups of frames are left out in turn (each costs two COCO evaluations per model)."""

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from wbc_core.config_io import check_known, dataclass_from_dict, read_yaml_mapping
-from wbc_core.data.types import AnnotatedDataset, DatasetError, ImageRecord
+from wbc_core.data.types import UNEDITED_SOURCE, AnnotatedDataset, DatasetError, ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ class SegmenterStep:
     # a lab's first cycles hold a handful of frames: the config's epochs would end a fine-tune on 6 frames after
     # 42 steps, leaving most of max_minutes unused; raise the epochs to run at least this many steps (0: off)
     min_steps: int = 400
+    # cells the expert left as the function drew them (CVAT source "auto") carry the serving model's outline:
+    # they train finding cells but not the mask head (False: learn their outlines too)
+    ignore_unedited_outlines: bool = True
     from_current: bool = True               # fine-tune from the current bundle (False: from config weights)
     # what the first version (empty registry) fine-tunes from: "starter" (the shipped models/starter), "scratch"
     # (the config's weights), or a bundle folder
@@ -87,6 +90,9 @@ class SegmenterStep:
     def __post_init__(self) -> None:
         if not (isinstance(self.min_steps, int) and self.min_steps >= 0):
             raise ValueError(f"segmenter.min_steps must be a whole number >= 0, not {self.min_steps!r}")
+        if not isinstance(self.ignore_unedited_outlines, bool):
+            raise ValueError(f"segmenter.ignore_unedited_outlines must be true or false, not "
+                             f"{self.ignore_unedited_outlines!r}")
 
 
 @dataclass
@@ -320,6 +326,8 @@ class Cycle:
         if seg.epochs:
             tcfg.train.epochs = seg.epochs
         tcfg.train.min_steps = seg.min_steps
+        if seg.ignore_unedited_outlines and UNEDITED_SOURCE not in tcfg.train.mask_skip_sources:
+            tcfg.train.mask_skip_sources.append(UNEDITED_SOURCE)
         base = self.base_bundle(current)
         if base is not None:
             from trainer.config import finetune_from_bundle

@@ -2,8 +2,15 @@
 
 Resumable: a checkpoint (model, optimiser, schedule, step, RNG) is written atomically every
 ``checkpoint_every`` steps and at each epoch end; ``resume=True`` continues from it exactly where
-the order of batches left off. The run directory holds ``losses.csv``, ``loss_curve.png``,
-``checkpoint.pt``, ``config.yaml`` and finally ``bundle/`` (see :mod:`wbc_core.bundle`).
+the order of batches left off. One DataLoader serves every epoch and its worker lives across them (a new worker
+each epoch cost the first step of every 3-step epoch of a lab's first fine-tune 2-3 s): the sampler tags each
+index with its epoch (:class:`EpochTagged`), which sets the augmentation draw.
+
+Cells whose CVAT source is in ``train.mask_skip_sources`` (the retrain: ``auto``, the function's outline left
+untouched) train the RPN and box/class heads but not the mask head (:mod:`trainer.mask_loss`).
+
+The run directory holds ``losses.csv``, ``loss_curve.png``, ``checkpoint.pt``, ``config.yaml`` and finally
+``bundle/`` (see :mod:`wbc_core.bundle`).
 
 Several training sets (:mod:`trainer.multiset`) come as one dataset whose ``meta`` says which set each frame
 is from (``frame_set``), each set's sampling weight (``sets[i]["weight"]``) and which frames have boxes only
@@ -36,6 +43,7 @@ from tqdm import tqdm
 
 from trainer.config import OptimConfig, TrainConfig
 from trainer.data.segmentation_dataset import SegmentationDataset, collate
+from trainer.mask_loss import mask_loss_weights
 from wbc_core.atomic import atomic_torch_save, atomic_write_bytes
 from wbc_core.bundle import write_bundle
 from wbc_core.data.types import AnnotatedDataset, DatasetError
@@ -130,6 +138,23 @@ class SetBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.steps - self.start
+
+
+class EpochTagged(Sampler):
+    """``inner``'s indices (or batches of indices) as ``(epoch, index)``, the epoch being ``inner.epoch`` when the
+    iteration starts: the dataset takes its augmentation draw from it, so a DataLoader can keep its workers
+    across epochs (they never see :meth:`SegmentationDataset.set_epoch`)."""
+
+    def __init__(self, inner: EpochSampler | SetBatchSampler) -> None:
+        self.inner = inner
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.inner.epoch
+        for item in self.inner:
+            yield [(epoch, i) for i in item] if isinstance(item, list) else (epoch, item)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 @contextmanager
@@ -328,8 +353,10 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
     torch.manual_seed(opt.seed)
 
     dataset = SegmentationDataset(train_data, cfg.labels, cfg.model.max_size, cfg.model.min_size,
-                                  augment=cfg.augment, seed=opt.seed, scale=cfg.scale, rbc_estimator=rbc_estimator)
+                                  augment=cfg.augment, seed=opt.seed, scale=cfg.scale, rbc_estimator=rbc_estimator,
+                                  mask_skip_sources=opt.mask_skip_sources)
     n_cells = trainable_cells(train_data, dataset)
+    log_mask_skips(train_data, dataset)
     if not train_data.images or n_cells == 0:
         what = "cells" if any(dataset.box_only) else "outlined cells"
         raise DatasetError(f"{train_data.source or 'training data'} has no frames with {what} "
@@ -409,19 +436,20 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
     bundle_dir = out_dir / "bundle"
     trim = _malloc_trimmer()
     stop = False
+    # its own generator: each iterator draws a worker seed, which must not move the global RNG that samples
+    # proposals (a resumed run creates the iterator at another epoch than the straight run did)
+    loading = {"collate_fn": collate, "num_workers": opt.num_workers, "persistent_workers": opt.num_workers > 0,
+               "generator": torch.Generator().manual_seed(opt.seed)}
+    if isinstance(sampler, SetBatchSampler):
+        loader = DataLoader(dataset, batch_sampler=EpochTagged(sampler), **loading)
+    else:
+        loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=EpochTagged(sampler), **loading)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     while epoch < epochs and not stop:
         start_in_epoch = step - epoch * steps_per_epoch
         dataset.set_epoch(epoch)
-        if isinstance(sampler, SetBatchSampler):
-            sampler.set_position(epoch, start_in_epoch)
-            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=opt.num_workers,
-                                persistent_workers=False)
-        else:
-            sampler.set_position(epoch, start_in_epoch * opt.batch_size)
-            loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, collate_fn=collate,
-                                num_workers=opt.num_workers, persistent_workers=False)
+        sampler.set_position(epoch, start_in_epoch * (1 if isinstance(sampler, SetBatchSampler) else opt.batch_size))
         net.train()
         t_last = time.perf_counter()
         for images, targets in loader:
@@ -434,7 +462,14 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
             with_masks = ["masks" in t for t in targets]
             if any(with_masks) and not all(with_masks):
                 raise RuntimeError("a batch mixes outlined and box-only frames; group them (SetBatchSampler)")
-            with nullcontext() if all(with_masks) else mask_branch_disabled(model):
+            weights = [t.pop("mask_weights", None) for t in targets]
+            if not all(with_masks):
+                heads = mask_branch_disabled(model)
+            elif any(w is not None for w in weights):
+                heads = mask_loss_weights(weights)
+            else:
+                heads = nullcontext()
+            with heads:
                 losses = net(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
@@ -475,6 +510,7 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
             on_epoch_end(epoch, train_seconds, bundle_dir)
         _barrier(ddp)
     bar.close()
+    del loader  # its worker: not needed to write the bundle
     model.eval()
     _sync_buffers(model, ddp)
     if ddp.main:
@@ -483,6 +519,23 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
         log.info("wrote bundle %s after %d steps (%.1f min of training)", bundle_dir, step, train_seconds / 60)
     _barrier(ddp)
     return bundle_dir
+
+
+def log_mask_skips(data: AnnotatedDataset, dataset: SegmentationDataset) -> None:
+    """Say how many outlined cells the mask head will not learn from (``train.mask_skip_sources``), and warn when
+    that is all of them."""
+    if not dataset.mask_skip_sources:
+        return
+    outlined = [c for rec, box_only in zip(data.images, dataset.box_only, strict=True) if not box_only
+                for c in rec.outlined()]
+    skipped = sum(c.source in dataset.mask_skip_sources for c in outlined)
+    if outlined and skipped == len(outlined):
+        log.warning("all %d outlined cells have a source in %s: they train finding cells, and the mask head "
+                    "learns no outline this run (correct or redraw some cells in CVAT)", skipped,
+                    list(dataset.mask_skip_sources))
+    elif skipped:
+        log.info("mask loss on %d of %d outlined cells: %d have a source in %s (outlines the model drew itself)",
+                 len(outlined) - skipped, len(outlined), skipped, list(dataset.mask_skip_sources))
 
 
 def _any_rank(flag: bool, ddp: Distributed) -> bool:

@@ -14,6 +14,15 @@ Two kinds of frame:
   trainer runs their batches with the mask branch switched off). Boxes go through the same geometric
   augmentation as masks (they are rasterised as filled rectangles and boxed again), so they stay aligned.
 
+Cells whose ``source`` is in ``mask_skip_sources`` (e.g. ``auto``: left in CVAT as the function drew them, so
+their outline is the model's own) are still targets, but their item carries ``target["mask_weights"]`` 0 for
+them (1 for the rest), which the trainer hands to :func:`trainer.mask_loss.mask_loss_weights`: they train finding
+cells, not outlines. Without ``mask_skip_sources`` the target has no ``mask_weights``.
+
+An item index is a frame index or ``(epoch, index)``: a DataLoader whose workers live across epochs cannot see
+:meth:`SegmentationDataset.set_epoch`, so its sampler says the epoch with each index (the augmentation draw
+depends on it).
+
 Input scale (:class:`ScaleConfig`): ``fixed`` is the min/max-size resize of the model config; ``rbc``
 resizes each frame so its red cells are about ``rbc_px`` across at the model input (the diameter from the
 ground truth in ``dataset.meta`` when known, else estimated by ``wbc_core.scale.estimate_rbc_diameter``
@@ -437,13 +446,15 @@ class SegmentationDataset(Dataset):
     """Items are ``(image CHW float tensor in [0, 1], target dict)`` at the model's input scale.
 
     An index ``i >= len(self)`` reads frame ``i % len(self)`` with its own augmentation draw (a sampler that
-    repeats a frame within an epoch passes ``i + k * len(self)`` for the k-th repeat).
+    repeats a frame within an epoch passes ``i + k * len(self)`` for the k-th repeat); ``(epoch, i)`` reads it
+    with that epoch's draw instead of the one :meth:`set_epoch` set.
     """
 
     def __init__(self, dataset: AnnotatedDataset, label_map: LabelMap, max_size: int, min_size: int,
                  augment: AugmentConfig | None = None, seed: int = 0, *, scale: ScaleConfig | None = None,
                  box_only: Sequence[bool] | None = None, rbc_px: Sequence[float | None] | None = None,
-                 rbc_estimator: Callable[[np.ndarray], Any] | None = None) -> None:
+                 rbc_estimator: Callable[[np.ndarray], Any] | None = None,
+                 mask_skip_sources: Sequence[str] = ()) -> None:
         self.records: list[ImageRecord] = [r for r in dataset.images]
         missing = [r.name for r in self.records if r.path is None]
         if missing:
@@ -461,6 +472,7 @@ class SegmentationDataset(Dataset):
         self.rbc_px = list(rbc_px) if rbc_px is not None else frame_rbc_diameters(dataset)
         if len(self.box_only) != len(self.records) or len(self.rbc_px) != len(self.records):
             raise ValueError("box_only and rbc_px need one entry per frame")
+        self.mask_skip_sources = tuple(mask_skip_sources)
         self._estimator = rbc_estimator
         self._estimated: dict[int, float | None] = {}
         self._warned_no_estimator = False
@@ -533,6 +545,12 @@ class SegmentationDataset(Dataset):
         """Image (H, W, 3) uint8, masks (N, H, W) bool, class ids (N,), and the scale from native.
 
         For a box-only frame the masks are the cells' filled boxes (only their extent is meaningful)."""
+        image, masks, labels, _, scale = self.load_weighted(index, jitter)
+        return image, masks, labels, scale
+
+    def load_weighted(self, index: int, jitter: float = 1.0
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """:meth:`load` plus each cell's mask-loss weight (N,) float32: 0 for a source in ``mask_skip_sources``."""
         rec = self.records[index]
         scale = self.input_scale(index, jitter)
         out_w, out_h = max(1, round(rec.width * scale)), max(1, round(rec.height * scale))
@@ -541,7 +559,7 @@ class SegmentationDataset(Dataset):
             raise DatasetError(f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} (after decode) but the "
                                f"annotations declare {rec.width}x{rec.height}")
         image = resize_to(image, out_w, out_h)
-        masks, labels = [], []
+        masks, labels, weights = [], [], []
         box_only = self.box_only[index]
         for inst in (rec.instances if box_only else rec.outlined()):
             cid = self.label_map.class_id(inst.label)
@@ -558,30 +576,34 @@ class SegmentationDataset(Dataset):
             if m.any():
                 masks.append(m)
                 labels.append(cid)
+                weights.append(0.0 if inst.source in self.mask_skip_sources else 1.0)
         mask_arr = np.stack(masks) if masks else np.zeros((0, out_h, out_w), dtype=bool)
-        return image, mask_arr, np.asarray(labels, dtype=np.int64), scale
+        return image, mask_arr, np.asarray(labels, dtype=np.int64), np.asarray(weights, dtype=np.float32), scale
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        epoch = self.epoch
+        if isinstance(index, tuple):
+            epoch, index = index
         frame = index % len(self.records)
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment is not None else None
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.augment is not None else None
         jitter = 1.0
         if rng is not None and self.scale.mode == "rbc":
             lo, hi = self.scale.jitter
             jitter = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) if hi > lo else float(lo)
-        image, masks, labels, _ = self.load(frame, jitter)
+        image, masks, labels, weights, _ = self.load_weighted(frame, jitter)
         if self.augment is not None and rng is not None:
             aug = self.augment
             if aug.scale_p > 0 and rng.random() < aug.scale_p:
                 lo, hi = aug.scale_range
                 factor = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
                 image, masks, keep = scale_jitter(image, masks, factor, rng)
-                labels = labels[keep]
+                labels, weights = labels[keep], weights[keep]
             image, masks = geometric(image, masks, aug, rng)
             image = domain_colour(image, aug, rng)
             image = colour_jitter(image, aug, rng)
             image = domain_degrade(image, aug, rng)
             keep = masks.reshape(len(masks), -1).any(axis=1) if len(masks) else np.zeros(0, bool)
-            masks, labels = masks[keep], labels[keep]
+            masks, labels, weights = masks[keep], labels[keep], weights[keep]
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         target = {
             "boxes": torch.from_numpy(masks_to_boxes(masks)).reshape(-1, 4),
@@ -590,6 +612,8 @@ class SegmentationDataset(Dataset):
         }
         if not self.box_only[frame]:
             target["masks"] = torch.from_numpy(masks.astype(np.uint8))
+            if self.mask_skip_sources:
+                target["mask_weights"] = torch.from_numpy(weights)
         return tensor, target
 
 

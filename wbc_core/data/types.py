@@ -37,6 +37,13 @@ def check_frame_size(width: int, height: int, where: str) -> None:
                            "any image this tool opens; the export is broken or not what it claims")
 
 
+UNEDITED_SOURCE = "auto"
+"""CVAT's ``source`` of a shape the function created and nobody touched since: any edit of its outline or label in
+CVAT's UI makes it ``semi-auto``, a shape drawn by hand is ``manual`` (cvat-core ``computeNewSource``). Its outline
+is the serving model's own, not the expert's: the retrain gate does not score outlines on it and the fine-tune
+does not learn outlines from it."""
+
+
 @dataclass
 class Instance:
     """One annotated cell.
