@@ -14,7 +14,14 @@ pre-annotates every pool frame, and each signal's Spearman correlation with that
 >= 5 frames).
 
     python benchmarks/correction_effort.py --set bccd --start runs/loso-bccd/served --data-root ../shared/data \\
-        --seeds 0 1 2 --batch 10 --cycles 3 --minutes 2.5 --out benchmarks/results
+        --seeds 0 1 2 --batch 10 --cycles 3 --minutes 3 --out benchmarks/results
+
+``runs/loso-bccd/served`` is the leave-BCCD-out starter (Bio-Net boxes and synthetic outlines, never a BCCD frame),
+served as the shipped starter is (72 px red cells, threshold 0.9); about an hour on 2 cores:
+
+    python -m trainer train-starter --data-root ../shared/data --out runs/loso-bccd --leave-out bccd \\
+        --max-minutes 57 --no-classifier
+    python -m trainer package-bundle runs/loso-bccd/bundle runs/loso-bccd/served --rbc-px 72 --threshold 0.9
 
 Writes ``correction_effort.json`` (keys ``sets``, ``batch``, ``seeds``, ``curves``, ``scratch_edits_per_frame``,
 ``frames_to_25pct``, ``total_edits``, ``cycle_seconds``, ``signals``, ``runs``, ``command``) and
