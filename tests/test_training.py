@@ -99,6 +99,27 @@ def test_resume_continues_exactly(tasks: tuple[Path, Path], tmp_path: Path, work
     assert worst < 1e-4, f"resumed weights differ by {worst}"
 
 
+def test_short_epochs_checkpoint_every_checkpoint_every_steps(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.train_segmenter as ts
+
+    generate_task(tmp_path / "few", n_images=4, width=320, height=240, seed=14)
+    cfg = tiny_config(epochs=6, checkpoint_every=5)
+    few = load_dataset(tmp_path / "few", label_map=cfg.labels, require_images=True)
+    saved: list[int] = []
+    real_save = ts.atomic_torch_save
+
+    def recording_save(obj: dict, path: Path) -> None:
+        saved.append(obj["step"])
+        real_save(obj, path)
+
+    monkeypatch.setattr(ts, "atomic_torch_save", recording_save)
+    train_segmenter(cfg, few, tmp_path / "run", progress=False)
+    # 6 epochs of 2 steps: every 5 steps (5, 10), at the first epoch end 5 steps after the last one (6), at the end
+    assert saved == [5, 6, 10, 12]
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+
+
 def test_resume_with_other_backbone_is_refused(tasks: tuple[Path, Path], tmp_path: Path) -> None:
     cfg = tiny_config(epochs=1)
     train = load_dataset(tasks[0], label_map=cfg.labels, require_images=True)

@@ -32,7 +32,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.02         # cosine decays to lr * min_lr_ratio
     grad_clip: float = 10.0
     scale_jitter: list[float] = field(default_factory=lambda: [0.8, 1.0])  # input-size range, x min_size
-    checkpoint_every: int = 100        # steps; a checkpoint is also written at the end of every epoch
+    checkpoint_every: int = 100        # steps; also at an epoch end this many steps after the last (0: every epoch)
     num_workers: int = 1
     threads: int = 0                   # torch intra-op threads; 0 = all cores
     device: str = "auto"               # auto (cuda if available) | cpu | cuda | cuda:N

@@ -1,10 +1,14 @@
 """Train the Mask R-CNN segmenter (flat and readable, in the spirit of torchvision's references/detection).
 
 Resumable: a checkpoint (model, optimiser, schedule, step, RNG) is written atomically every
-``checkpoint_every`` steps and at each epoch end; ``resume=True`` continues from it exactly where
-the order of batches left off. One DataLoader serves every epoch and its worker lives across them (a new worker
-each epoch cost the first step of every 3-step epoch of a lab's first fine-tune 2-3 s): the sampler tags each
-index with its epoch (:class:`EpochTagged`), which sets the augmentation draw.
+``checkpoint_every`` steps, at an epoch end when the last epoch-end one is ``checkpoint_every`` steps old (every
+epoch end when it is 0, or with ``on_epoch_end``), and when training ends; ``resume=True`` continues from it
+exactly where the order of batches left off. The loss plot is redrawn with the epoch-end checkpoints: a lab's
+first fine-tune runs 3-step epochs, and a checkpoint and a plot after each cost 35 s of a 3-minute cycle.
+
+One DataLoader serves every epoch and its worker lives across them (a new worker each epoch cost the first step
+of every 3-step epoch of a lab's first fine-tune 2-3 s): the sampler tags each index with its epoch
+(:class:`EpochTagged`), which sets the augmentation draw.
 
 Cells whose CVAT source is in ``train.mask_skip_sources`` (the retrain: ``auto``, the function's outline left
 untouched) train the RPN and box/class heads but not the mask head (:mod:`trainer.mask_loss`).
@@ -446,6 +450,7 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
         loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=EpochTagged(sampler), **loading)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
+    epoch_end_saved = step
     while epoch < epochs and not stop:
         start_in_epoch = step - epoch * steps_per_epoch
         dataset.set_epoch(epoch)
@@ -501,9 +506,12 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
                 break
         if not stop:
             epoch += 1
-        save_checkpoint()
-        if ddp.main:
-            plot_losses(loss_csv, out_dir / "loss_curve.png")
+        due = not opt.checkpoint_every or step - epoch_end_saved >= opt.checkpoint_every
+        if due or stop or epoch >= epochs or on_epoch_end is not None:
+            save_checkpoint()
+            if ddp.main:
+                plot_losses(loss_csv, out_dir / "loss_curve.png")
+            epoch_end_saved = step
         if on_epoch_end is not None and ddp.main:
             model.eval()
             _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds, cells=n_cells, extra=provenance)
