@@ -116,6 +116,10 @@ def test_the_context_weights_a_real_mask_rcnn_and_puts_torchvision_back() -> Non
     with pytest.raises(RuntimeError, match="mask weights"), mask_loss_weights([torch.ones(2)]):
         model(images, targets)
     assert roi_heads.maskrcnn_loss is original, "put back after an error too"
+    with pytest.raises(RuntimeError, match="3 mask weights for an image with 2 cells"), \
+            mask_loss_weights([torch.ones(3), None]):
+        model(images, targets)
+    assert roi_heads.maskrcnn_loss is original
 
 
 # --- the dataset ----------------------------------------------------------------------------------------------

@@ -32,10 +32,8 @@ def weighted_maskrcnn_loss(mask_logits: torch.Tensor, proposals: Sequence[torch.
     labels = torch.cat([gt[idx] for gt, idx in zip(gt_labels, mask_matched_idxs, strict=True)], dim=0)
     targets = torch.cat([roi_heads.project_masks_on_boxes(m, p, idx, size)
                          for m, p, idx in zip(gt_masks, proposals, mask_matched_idxs, strict=True)], dim=0)
-    per_roi_weight = torch.cat([
-        (w.to(mask_logits) if w is not None else torch.ones(len(m), dtype=mask_logits.dtype,
-                                                              device=mask_logits.device))[idx]
-        for w, m, idx in zip(weights, gt_masks, mask_matched_idxs, strict=True)], dim=0)
+    per_roi_weight = torch.cat([(torch.ones(len(m)) if w is None else w).to(mask_logits)[idx]
+                                for w, m, idx in zip(weights, gt_masks, mask_matched_idxs, strict=True)], dim=0)
     total = per_roi_weight.sum()
     if targets.numel() == 0 or not total > 0:
         return mask_logits.sum() * 0
