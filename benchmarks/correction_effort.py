@@ -9,9 +9,10 @@ expert would make on the held-back frames are counted (:mod:`trainer.correction_
 draw a missed one, redraw an outline under ``--redraw-iou`` mask IoU; class-agnostic).
 
 Before the runs, the uncertainty signals are measured against the edits they should predict: the start bundle
-pre-annotates every pool frame, and each signal's Spearman correlation with that frame's edits is computed
-(permutation p-value). The ranked order uses the signals that predict edits (rho > 0, p < 0.05, non-zero on
->= 5 frames).
+pre-annotates every pool frame, and each signal's Spearman correlation with each kind of edit per frame (redraw,
+draw, delete, relabel) is computed (permutation p-value). In the ranked order a signal weighs the sum, over the
+kinds it predicts (rho > 0, p < 0.05), of rho times the kind's share of the pool's edits (:func:`signal_weights`;
+signals non-zero on fewer than 5 frames are left out).
 
     python benchmarks/correction_effort.py --set bccd --start runs/loso-bccd/served --data-root ../shared/data \\
         --seeds 0 1 2 --batch 10 --cycles 3 --minutes 3 --out benchmarks/results
@@ -51,6 +52,7 @@ TARGET_RATIO = 0.25          # edits per frame after 30 corrected frames, as a s
 TARGET_RANKED_SAVING = 0.20  # ranked order: fewer total edits than random by at least this share
 TARGET_FRAMES = 30
 MIN_NONZERO_FRAMES = 5       # a signal seen on fewer pool frames is not kept, whatever its correlation
+EDIT_KINDS = ("redrawn", "drawn", "deleted", "relabelled")  # trainer.correction_effort.FrameEdits' kinds of edit
 
 
 def gate_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -99,7 +101,8 @@ def spearman(x: np.ndarray, y: np.ndarray, permutations: int = 2000, seed: int =
 
 
 def signal_study(bundle: Path, pool: Any, rules: Any, progress: bool) -> dict[str, Any]:
-    """Each signal (and their equal-weight sum) against the edits of every pool frame, pre-annotated by ``bundle``."""
+    """Each signal (and their equal-weight sum) against the edits of every pool frame, pre-annotated by ``bundle``,
+    kind by kind; the ranking weights are :func:`signal_weights` of them."""
     from tqdm import tqdm
 
     from trainer.correction_effort import count_edits, instances_from_cvat_results
@@ -116,25 +119,53 @@ def signal_study(bundle: Path, pool: Any, rules: Any, progress: bool) -> dict[st
         image, _ = read_rgb(record.path)
         detection, signals = frame_uncertainty(predictor, image)
         predicted = instances_from_cvat_results(detection_to_cvat_results(detection))
-        edits = count_edits(predicted, record.instances, record.height, record.width, rules).edits
-        rows.append({**signals.to_dict(), "edits": edits})
-    combined = scores([FrameUncertainty(**{k: v for k, v in r.items() if k != "edits"}) for r in rows])
-    edits = np.array([r["edits"] for r in rows], float)
+        edits = count_edits(predicted, record.instances, record.height, record.width, rules)
+        rows.append({**signals.to_dict(), **{kind: getattr(edits, kind) for kind in EDIT_KINDS}, "edits": edits.edits})
+    combined = scores([FrameUncertainty(**{k: v for k, v in r.items() if k in SIGNALS or k == "cells"})
+                       for r in rows])
+    values = {name: np.array([r[name] or 0 for r in rows], float) for name in SIGNALS}
+    values["sum"] = np.array(combined, float)
+    edits = {kind: np.array([r[kind] for r in rows], float) for kind in (*EDIT_KINDS, "edits")}
     out: dict[str, Any] = {"frames": len(rows), "bundle": str(bundle), "seconds": round(time.perf_counter() - t0, 1),
-                           "mean_edits": float(edits.mean()), "per_signal": {}}
-    for name in (*SIGNALS, "sum"):
-        values = np.array(combined if name == "sum" else [r[name] or 0 for r in rows], float)
-        rho, p = spearman(values, edits)
-        some = values > 0
-        out["per_signal"][name] = {"rho": round(rho, 3), "p": round(p, 4), "mean": float(values.mean()),
-                                   "frames_nonzero": int(some.sum()),
-                                   "edits_when_nonzero": float(edits[some].mean()) if some.any() else None,
-                                   "edits_when_zero": float(edits[~some].mean()) if (~some).any() else None}
-    kept = [s for s in SIGNALS if out["per_signal"][s]["rho"] > 0 and out["per_signal"][s]["p"] < 0.05
-            and out["per_signal"][s]["frames_nonzero"] >= MIN_NONZERO_FRAMES]
-    out["kept"] = kept
-    out["weights"] = {s: (1.0 if s in kept else 0.0) for s in SIGNALS} if kept else {s: 1.0 for s in SIGNALS}
+                           "mean_edits": float(edits["edits"].mean()),
+                           "edits_by_kind": {kind: int(edits[kind].sum()) for kind in EDIT_KINDS}, "per_signal": {}}
+    for name, value in values.items():
+        some = value > 0
+        out["per_signal"][name] = {
+            **correlation(value, edits["edits"]), "mean": float(value.mean()), "frames_nonzero": int(some.sum()),
+            "edits_when_nonzero": float(edits["edits"][some].mean()) if some.any() else None,
+            "edits_when_zero": float(edits["edits"][~some].mean()) if (~some).any() else None,
+            "by_kind": {kind: correlation(value, edits[kind]) for kind in EDIT_KINDS if edits[kind].any()}}
+    weights = signal_weights(out["per_signal"], out["edits_by_kind"], list(SIGNALS))
+    out["kept"] = [name for name, w in weights.items() if w > 0]
+    out["weights"] = weights if out["kept"] else {name: 1.0 for name in SIGNALS}
     return out
+
+
+def correlation(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    rho, p = spearman(x, y)
+    return {"rho": round(rho, 3), "p": round(p, 4)}
+
+
+def signal_weights(per_signal: dict[str, Any], edits_by_kind: dict[str, int], signals: list[str]) -> dict[str, float]:
+    """How much each signal counts in the ranked order: the sum, over the kinds of edit, of the kind's share of
+    all the pool's edits times the signal's Spearman rho with that kind's count per frame, for the kinds it
+    predicts (rho > 0, p < 0.05); 0 for a signal non-zero on fewer than :data:`MIN_NONZERO_FRAMES` frames.
+
+    A kind of edit counts as much as it is common: the first corrections should teach the mistake the model makes
+    on most frames. A signal that predicts a rare kind (a few missed cells among many rough outlines) would
+    otherwise pick outlier frames: on BCCD such a batch cost twice the edits and made the held-back frames worse.
+    """
+    total = sum(edits_by_kind.values())
+    weights = {}
+    for name in signals:
+        stats = per_signal[name]
+        weight = 0.0
+        if total and stats["frames_nonzero"] >= MIN_NONZERO_FRAMES:
+            weight = float(sum(edits_by_kind[kind] / total * c["rho"] for kind, c in stats["by_kind"].items()
+                               if c["rho"] > 0 and c["p"] < 0.05))
+        weights[name] = round(weight, 4)
+    return weights
 
 
 # --- one run --------------------------------------------------------------------------------------------------
@@ -153,6 +184,7 @@ def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: An
                            min_steps=args.min_steps,
                            ignore_unedited_outlines=not args.learn_unedited_outlines,
                            start=str(args.start) if args.start else None, rules=rules, weights=weights,
+                           density_power=args.density_power,
                            gate=gate_overrides(args),
                            ideal_expert=args.ideal_expert)
     bundle_labels = list(load_bundle(args.start).contract.labels) if args.start else []
@@ -174,12 +206,18 @@ def min_steps_used(args: argparse.Namespace) -> int:
     return SegmenterStep().min_steps if args.min_steps is None else args.min_steps
 
 
+def density_power_used(args: argparse.Namespace) -> float:
+    from wbc_core.typicality import DENSITY_POWER
+
+    return DENSITY_POWER if args.density_power is None else args.density_power
+
+
 def run_settings(args: argparse.Namespace, pool_frames: int, held_frames: int) -> dict[str, Any]:
     """What a run's result depends on besides its order and seed (a resumed --work folder must match)."""
     return {"set": args.set, "start": str(args.start) if args.start else None, "batch": args.batch,
             "cycles": args.cycles, "minutes": args.minutes, "min_steps": min_steps_used(args),
             "learn_unedited_outlines": args.learn_unedited_outlines,
-            "redraw_iou": args.redraw_iou,
+            "redraw_iou": args.redraw_iou, "density_power": density_power_used(args),
             "pool_frames": pool_frames, "held_frames": held_frames, "gate_noise_z": args.gate_noise_z,
             "gate_ignore_unedited": not args.gate_keep_unedited, "ideal_expert": args.ideal_expert}
 
@@ -284,6 +322,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--learn-unedited-outlines", action="store_true",
                     help="the retrains learn outlines from the cells CVAT holds as the function drew them too "
                          "(segmenter.ignore_unedited_outlines: false; by default they train finding cells only)")
+    ap.add_argument("--density-power", type=float,
+                    help="the ranked order's score = uncertainty x typicality ** P (default: cvat_sync rank's, 2; "
+                         "0: uncertainty only)")
     ap.add_argument("--redraw-iou", type=float, default=0.85)
     ap.add_argument("--pool-frames", type=int, help="use this many frames of the training split (seeded choice)")
     ap.add_argument("--held-frames", type=int, help="use this many frames of the test split (seeded choice)")
@@ -334,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     if "signals" not in state and args.start and "ranked" in args.orders:
         state["signals"] = signal_study(args.start, pool, rules, args.progress)
         state_path.write_text(json.dumps(state, indent=1))
-        log.info("signals vs edits: %s; kept %s", {k: v["rho"] for k, v in state["signals"]["per_signal"].items()},
-                 state["signals"]["kept"])
+        log.info("signals vs edits: %s; weights %s", {k: v["rho"] for k, v in state["signals"]["per_signal"].items()},
+                 state["signals"]["weights"])
     weights = state.get("signals", {}).get("weights")
     for seed in args.seeds:
         for order in args.orders:

@@ -163,8 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--no-mirror", action="store_true", help="skip the mirrored pass (half the time, one signal "
                                                              "less)")
     rk.add_argument("--weight", action="append", default=[], metavar="SIGNAL=W",
-                    help="weight of a signal in the score (repeatable; default 1 each): "
-                         "near_threshold, disagreement, low_classifier_confidence, flip_unmatched")
+                    help="weight of a signal in the score (repeatable; default 1 each). The signals are those of "
+                         "wbc_core/uncertainty.py (near_threshold, low_score, flip_outline, ...); a wrong name is "
+                         "refused with the full list")
+    rk.add_argument("--density-power", type=float, metavar="P",
+                    help="score = uncertainty x typicality ** P, where typicality (0-1] says how much a frame's "
+                         "cells look like the task's other cells to the model (default 2; 0: uncertainty only, "
+                         "which with few corrected frames tends to pick outliers)")
     rk.add_argument("--no-progress", action="store_true", help="no progress bar")
     _connection_args(rk)
     return parser
@@ -329,6 +334,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         raise ConfigError("--create-task must be 0 (none) or a number of frames")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise ConfigError(f"--threshold {args.threshold}: a score between 0 and 1")
+    if args.density_power is not None and not 0 <= args.density_power <= 10:
+        raise ConfigError(f"--density-power {args.density_power}: a number from 0 (uncertainty only) to 10")
     weights = _weights(args.weight)
     settings = _settings(args)
     bundle_dir = args.bundle or STARTER_DIR
@@ -340,14 +347,17 @@ def cmd_rank(args: argparse.Namespace) -> int:
     out = args.out or Path("data/rank") / f"task-{args.task}"
     options = RankOptions(out=out, create_task=args.create_task, mirror=not args.no_mirror, threshold=args.threshold,
                           weights=weights, progress=not args.no_progress and sys.stderr.isatty(),
-                          task_name=args.task_name)
+                          task_name=args.task_name,
+                          **({} if args.density_power is None else {"density_power": args.density_power}))
     with CvatClient(settings, retry=_retry(args)) as client:
         client.server_version()
         record = rank_task(client, args.task, predictor, options)
     top = record["ranking"][:10]
     lines = [f"task {record['task']} ({record['task_name']}): {record['frames_ranked']} frames ranked "
-             f"({record['frames_annotated']} already annotated) in {record['seconds']:.0f} s; most uncertain first:"]
-    lines += [f"  {r['rank']:>4}  frame {r['frame']:>5}  {r['name']:<40}  score {r['score']}" for r in top]
+             f"({record['frames_annotated']} already annotated) in {record['seconds']:.0f} s; highest score first "
+             "(uncertainty x typicality ** {record['density_power']:g}):"]
+    lines += [f"  {r['rank']:>4}  frame {r['frame']:>5}  {r['name']:<40}  score {r['score']}  "
+              f"(uncertainty {r['uncertainty']}, typicality {r['typicality']})" for r in top]
     created = record.get("created_task")
     if created:
         lines.append(f"created task {created['id']} ({created['name']}) with {len(created['frames'])} frames")

@@ -2,8 +2,10 @@
 
 Active learning for the correction loop (issue 14). Every frame of the task that has no annotation yet (and was
 not queued by an earlier ranking) is downloaded, run through the same ``detect`` the function serves (plus a
-mirrored pass), and scored by the per-frame uncertainty signals of :mod:`wbc_core.uncertainty`; the frames are
-written most uncertain first (``ranking.json`` + ``ranking.csv`` in ``--out``).
+mirrored pass), and scored by the per-frame uncertainty signals of :mod:`wbc_core.uncertainty`, weighed by how
+typical the frame's cells are among the task's (:mod:`wbc_core.typicality`: score = uncertainty x
+typicality ** density_power, so that the first corrections are not spent on outliers); the frames are written
+highest score first (``ranking.json`` + ``ranking.csv`` in ``--out``).
 
 **Making it actionable in CVAT**: ``--create-task K`` creates a new task holding the top K frames (the
 original image bytes and names, the source task's labels, in the same project), ready for "Automatic
@@ -37,6 +39,7 @@ from cvat_sync.pull import check_meta, check_task, label_names_of, printable
 from wbc_core.atomic import atomic_write_bytes
 from wbc_core.data.images import decode_rgb
 from wbc_core.detect import Predictor
+from wbc_core.typicality import DENSITY_POWER, frame_typicality
 from wbc_core.uncertainty import DEFAULT_WEIGHTS, SIGNALS, FrameUncertainty, frame_uncertainty, scores
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class RankOptions:
     mirror: bool = True                     # the mirrored pass (flip_unmatched)
     threshold: float | None = None          # None: the bundle's served threshold
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    density_power: float = DENSITY_POWER    # how much typicality counts (0: uncertainty only)
     progress: bool = True
     task_name: str | None = None            # name of the created task (default: derived from the source task)
 
@@ -69,10 +73,14 @@ class RankedFrame:
     name: str
     score: float
     signals: FrameUncertainty
+    uncertainty: float | None = None        # the weighted signals (wbc_core.uncertainty.scores)
+    typicality: float | None = None         # wbc_core.typicality.frame_typicality
 
     def to_dict(self) -> dict[str, Any]:
         score = None if self.score == float("-inf") else round(self.score, 4)  # None: not an image
-        return {"frame": self.frame, "name": self.name, "score": score, **self.signals.to_dict()}
+        return {"frame": self.frame, "name": self.name, "score": score,
+                "uncertainty": None if self.uncertainty is None else round(self.uncertainty, 4),
+                "typicality": self.typicality, **self.signals.to_dict()}
 
 
 def queued_frames(out: Path, task_id: int) -> set[str]:
@@ -149,6 +157,7 @@ def rank_task(client: CvatClient, task_id: int, predictor: Predictor, options: R
                         "nothing to rank (nothing written)")
 
     ranked: list[RankedFrame] = []
+    embeddings: dict[int, list[Any]] = {}
     for n in tqdm(todo, desc=f"ranking {what}", unit="frame", disable=not options.progress):
         data = client.get_bytes(f"/api/tasks/{task_id}/data", {"type": "frame", "number": n, "quality": "original"},
                                 what=f"frame {n} of {what}")
@@ -160,17 +169,22 @@ def rank_task(client: CvatClient, task_id: int, predictor: Predictor, options: R
                         what, exc)
             ranked.append(RankedFrame(n, frame_name, float("-inf"), FrameUncertainty()))
             continue
-        _, signals = frame_uncertainty(predictor, image, options.threshold, mirror=options.mirror)
+        detection, signals = frame_uncertainty(predictor, image, options.threshold, mirror=options.mirror)
+        embeddings[n] = [c.embedding for c in detection.cells if c.embedding is not None]
         ranked.append(RankedFrame(n, frame_name, 0.0, signals))
     readable = [r for r in ranked if r.score != float("-inf")]
-    for r, score in zip(readable, scores([r.signals for r in readable], options.weights), strict=True):
-        r.score = score
+    uncertain = scores([r.signals for r in readable], options.weights)
+    typical = frame_typicality([embeddings[r.frame] for r in readable])
+    for r, u, t in zip(readable, uncertain, typical, strict=True):
+        r.uncertainty, r.typicality = u, t
+        r.score = u * t ** options.density_power
     ranked.sort(key=lambda r: (-r.score, r.frame))
 
     record: dict[str, Any] = {
         "task": task_id, "task_name": name, "bundle": str(predictor.bundle.directory),
         "threshold": predictor.default_threshold if options.threshold is None else options.threshold,
-        "signals": list(SIGNALS), "weights": dict(options.weights), "mirror": options.mirror,
+        "signals": list(SIGNALS), "weights": dict(options.weights), "density_power": options.density_power,
+        "mirror": options.mirror,
         "frames_ranked": len(ranked), "frames_annotated": len(annotated), "frames_queued_before": len(queued),
         "ranking": [r.to_dict() | {"rank": i + 1} for i, r in enumerate(ranked)],
     }
@@ -239,10 +253,10 @@ def write_ranking(out: Path, record: dict[str, Any]) -> None:
     atomic_write_bytes(out / RANKING_JSON, (json.dumps(record, indent=1) + "\n").encode())
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["rank", "frame", "name", "score", "cells", *SIGNALS])
+    columns = ["rank", "frame", "name", "score", "uncertainty", "typicality", "cells", *SIGNALS]
+    writer.writerow(columns)
     for row in record["ranking"]:
-        writer.writerow([row["rank"], row["frame"], row["name"], row["score"], row["cells"],
-                         *(row[s] for s in SIGNALS)])
+        writer.writerow([row[c] for c in columns])
     atomic_write_bytes(out / RANKING_CSV, buf.getvalue().encode())
 
 

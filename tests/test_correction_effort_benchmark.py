@@ -57,3 +57,34 @@ def test_whether_retrains_learn_unedited_outlines_is_part_of_the_settings() -> N
     old = correction_effort.run_settings(
         correction_effort.parser().parse_args(["--learn-unedited-outlines"]), 5, 5)
     assert old != default, "runs that learned the function's own outlines are never resumed into a new result"
+
+
+def test_signal_weights_count_each_kind_of_edit_as_much_as_it_is_common() -> None:
+    def stats(nonzero: int = 50, **by_kind: tuple[float, float]) -> dict:
+        return {"frames_nonzero": nonzero, "by_kind": {k: {"rho": r, "p": p} for k, (r, p) in by_kind.items()}}
+
+    per_signal = {
+        "outline": stats(redrawn=(0.3, 0.001), drawn=(-0.1, 0.9)),         # predicts the common kind
+        "count": stats(redrawn=(0.02, 0.4), drawn=(0.4, 0.001), deleted=(0.3, 0.01)),  # predicts the rare kinds
+        "noise": stats(redrawn=(0.1, 0.2)),                                 # predicts nothing significantly
+        "rare": stats(nonzero=3, redrawn=(0.5, 0.001)),                     # seen on too few frames
+        "against": stats(redrawn=(-0.3, 0.001)),
+    }
+    edits = {"redrawn": 90, "drawn": 6, "deleted": 4, "relabelled": 0}
+    weights = correction_effort.signal_weights(per_signal, edits, list(per_signal))
+    assert weights == {"outline": pytest.approx(0.27), "count": pytest.approx(0.06 * 0.4 + 0.04 * 0.3),
+                       "noise": 0.0, "rare": 0.0, "against": 0.0}
+    # where missed cells are most of the edits, the detection signal leads
+    flipped = correction_effort.signal_weights(per_signal, {"redrawn": 10, "drawn": 80, "deleted": 10}, ["outline",
+                                                                                                       "count"])
+    assert flipped["count"] > flipped["outline"] > 0
+    assert correction_effort.signal_weights(per_signal, {"redrawn": 0}, ["outline"]) == {"outline": 0.0}
+
+
+def test_the_ranked_orders_density_power_is_part_of_the_settings() -> None:
+    from wbc_core.typicality import DENSITY_POWER
+
+    default = correction_effort.run_settings(correction_effort.parser().parse_args([]), 5, 5)
+    assert default["density_power"] == DENSITY_POWER
+    only = correction_effort.run_settings(correction_effort.parser().parse_args(["--density-power", "0"]), 5, 5)
+    assert only["density_power"] == 0 and only != default

@@ -126,11 +126,13 @@ def test_fast_path_returns_torchvisions_detections_and_masks(bundle_and_model: t
     scores = ref["scores"].numpy()
     assert len(scores) >= 4 and scores.min() < scores.max()
     threshold = float(np.median(scores))
-    boxes, got_scores, labels, probs, _ = predictor._run_model(image, threshold)
+    boxes, got_scores, labels, probs, _, embeddings = predictor._run_model(image, threshold)
     keep = scores >= threshold
     np.testing.assert_allclose(got_scores, scores[keep], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(boxes, ref["boxes"].numpy()[keep], atol=0.05)
     np.testing.assert_array_equal(labels, ref["labels"].numpy()[keep])
+    channels = model.roi_heads.mask_head[-1][0].out_channels  # one embedding per kept cell: the mask head's width
+    assert embeddings.shape == (len(boxes), channels) and np.isfinite(embeddings).all()
     # the mask head ran on the kept cells only: pasted torchvision's way, its probabilities are the forward's
     h, w = image.shape[:2]
     theirs = ref["masks"][keep, 0]

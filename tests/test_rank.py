@@ -57,6 +57,11 @@ def test_rank_skips_annotated_frames_queues_the_top_ones_and_then_says_nothing_i
         assert sorted(ranked) == [0, 2, 3, 4] and first["frames_annotated"] == 1
         scores = [r["score"] for r in first["ranking"]]
         assert scores == sorted(scores, reverse=True) and [r["rank"] for r in first["ranking"]] == [1, 2, 3, 4]
+        # score = uncertainty x typicality ** density_power, each part written down
+        power = first["density_power"]
+        assert power > 0 and all(0 < r["typicality"] <= 1 for r in first["ranking"])
+        assert all(r["score"] == pytest.approx(r["uncertainty"] * r["typicality"] ** power, abs=2e-4)
+                   for r in first["ranking"])
         assert json.loads((out / RANKING_JSON).read_text()) == first
         assert len((out / RANKING_CSV).read_text().splitlines()) == 1 + 4
 
@@ -150,6 +155,13 @@ def test_the_command_line(tmp_path: Path, bundle: Path, monkeypatch: pytest.Monk
         assert "5 frames ranked" in text and "created task" in text and cvat.admin_token not in text
         record = json.loads((out / RANKING_JSON).read_text())
         assert record["weights"]["low_score"] == 2.0 and len(record["created_task"]["frames"]) == 3
+        assert record["density_power"] > 0 and "typicality" in text
+        out0 = tmp_path / "uncertainty-only"
+        assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--out", str(out0),
+                               "--density-power", "0", "--no-progress"]) == 0
+        only = json.loads((out0 / RANKING_JSON).read_text())
+        assert only["density_power"] == 0 and all(r["score"] == r["uncertainty"] for r in only["ranking"])
+        assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--density-power", "-1"]) == 2
         assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--weight", "nope=1"]) == 2
         assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--weight", "low_score=x"]) == 2
         assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--create-task", "-1"]) == 2

@@ -14,7 +14,17 @@ from tests.tiny_models import blob_segmenter
 from wbc_core.bundle import write_bundle
 from wbc_core.detect import Cell, Detection, Predictor, mask_fuzziness
 from wbc_core.labels import RVPBS_LABELS
-from wbc_core.uncertainty import FrameUncertainty, frame_uncertainty, from_detection, rank, scores, unmatched
+from wbc_core.uncertainty import (
+    FrameUncertainty,
+    frame_uncertainty,
+    from_detection,
+    mask_iou,
+    mirrored_back,
+    outline_instability,
+    rank,
+    scores,
+    unmatched,
+)
 
 
 def _cell(score: float, box: tuple[float, float, float, float] = (0, 0, 10, 10), **attributes: str) -> Cell:
@@ -82,22 +92,60 @@ class BlobFinder:
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> Detection:
         dark = (image.mean(axis=2) < 150).astype(np.uint8)
-        _, _, stats, _ = cv2.connectedComponentsWithStats(dark)
-        boxes = [(float(x), float(y), float(x + w), float(y + h)) for x, y, w, h, _ in stats[1:]]
+        _, components, stats, _ = cv2.connectedComponentsWithStats(dark)
+        cells = [Cell(label="wbc", score=0.9, box=(float(x), float(y), float(x + w), float(y + h)),
+                      mask_crop=components[y:y + h, x:x + w] == k, origin=(int(x), int(y)))
+                 for k, (x, y, w, h, _) in enumerate(stats[1:], start=1)]
         if self.odd:
-            boxes.append((0.0, 0.0, 20.0, 20.0))
-        return Detection(cells=[_cell(0.9, box) for box in boxes], width=image.shape[1], height=image.shape[0],
-                         threshold=threshold or 0.5, max_cells=100)
+            cells.append(_cell(0.9, (0.0, 0.0, 10.0, 10.0)))
+        return Detection(cells=cells, width=image.shape[1], height=image.shape[0], threshold=threshold or 0.5,
+                         max_cells=100)
 
 
 def test_the_mirror_pass_maps_cells_back_and_counts_the_unstable_ones() -> None:
     image = small_slide()
     detection, signals = frame_uncertainty(BlobFinder(), image)  # type: ignore[arg-type]
     assert len(detection.cells) >= 3 and signals.flip_unmatched == 0
+    assert signals.flip_outline == 0.0  # every blob's outline is found again, pixel for pixel
     _, odd = frame_uncertainty(BlobFinder(odd=True), image)  # type: ignore[arg-type]
     assert odd.flip_unmatched == 2  # its corner cell lands in the other corner once mirrored back
+    assert odd.flip_outline == 1.0  # ...and has no outline to compare with there
     _, without = frame_uncertainty(BlobFinder(), image, mirror=False)  # type: ignore[arg-type]
-    assert without.flip_unmatched is None
+    assert without.flip_unmatched is None and without.flip_outline is None
+
+
+def test_mask_iou_of_crops_at_their_origins() -> None:
+    a = np.ones((10, 10), bool)
+    assert mask_iou(a, (0, 0), a, (0, 0)) == 1.0
+    assert mask_iou(a, (0, 0), a, (5, 0)) == pytest.approx(50 / 150)   # half overlaps
+    assert mask_iou(a, (0, 0), a, (10, 10)) == 0.0                      # touching corners only
+    ring = np.ones((4, 4), bool)
+    ring[1:3, 1:3] = False
+    assert mask_iou(ring, (3, 3), np.ones((2, 2), bool), (4, 4)) == 0.0  # the hole
+    assert mask_iou(np.zeros((3, 3), bool), (0, 0), np.zeros((2, 2), bool), (0, 0)) == 0.0
+
+
+def test_outline_instability_compares_each_outline_with_its_mirror_partner() -> None:
+    width = 100
+    # an L-shaped cell at x 20..40: its mirror image, found exactly, lands back on it
+    mask = np.zeros((20, 20), bool)
+    mask[:, :6] = True
+    mask[14:, :] = True
+    cell = Cell(label="wbc", score=0.9, box=(20.0, 30.0, 40.0, 50.0), mask_crop=mask, origin=(20, 30))
+    exact = Cell(label="wbc", score=0.9, box=(60.0, 30.0, 80.0, 50.0), mask_crop=mask[:, ::-1].copy(),
+                 origin=(60, 30))
+    assert mirrored_back(exact, width)[1] == (20, 30)
+    assert outline_instability([cell], [exact], width) == 0.0
+    # found on the mirror as the unmirrored L: the two shapes share 6x20 + 6x14 - 36 of their 120 + 84 - 36 pixels
+    wrong = Cell(label="wbc", score=0.9, box=(60.0, 30.0, 80.0, 50.0), mask_crop=mask.copy(), origin=(60, 30))
+    shared = int((mask & mask[:, ::-1]).sum())
+    union = int((mask | mask[:, ::-1]).sum())
+    assert outline_instability([cell], [wrong], width) == pytest.approx(1 - shared / union)
+    assert 0 < 1 - shared / union < 1
+    # no partner at all: 1 per cell; no cells: 0
+    far = Cell(label="wbc", score=0.9, box=(0.0, 0.0, 10.0, 10.0), mask_crop=np.ones((10, 10), bool), origin=(0, 0))
+    assert outline_instability([cell], [far], width) == 1.0
+    assert outline_instability([cell, cell], [], width) == 2.0 and outline_instability([], [exact], width) == 0.0
 
 
 def test_signals_of_the_real_pipeline(tmp_path: Path) -> None:
@@ -106,5 +154,6 @@ def test_signals_of_the_real_pipeline(tmp_path: Path) -> None:
     predictor = Predictor(write_bundle(tmp_path / "bundle", model, list(RVPBS_LABELS), cfg, 0.5), device="cpu")
     detection, signals = frame_uncertainty(predictor, small_slide(), threshold=0.02)
     assert signals.cells == len(detection.cells) > 0 and signals.flip_unmatched is not None
+    assert signals.flip_outline is not None and 0 <= signals.flip_outline <= signals.cells
     assert signals.near_threshold == sum(c.score < 0.12 for c in detection.cells) + int(
         detection.best_below is not None and detection.best_below >= 0.02 - 0.1)

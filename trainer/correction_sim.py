@@ -68,6 +68,7 @@ class SimulationConfig:
     start: str | None = None                # bundle served before the first correction (None: no model)
     rules: EditRules = field(default_factory=lambda: EditRules(check_labels=False))
     weights: dict[str, float] | None = None  # ranking weights (None: wbc_core.uncertainty.DEFAULT_WEIGHTS)
+    density_power: float | None = None      # ranking's typicality power (None: wbc_core.typicality.DENSITY_POWER)
     mirror: bool = True
     val_fraction: float = 0.2
     retrain_timeout_s: float = 3600.0
@@ -188,7 +189,9 @@ class Simulation:
         if self.cfg.order == "ranked" and self.handler is not None:
             options = RankOptions(out=out, create_task=k, mirror=self.cfg.mirror, progress=self.progress,
                                   task_name=f"batch {len(self.batch_tasks) + 1} (ranked)",
-                                  **({"weights": self.cfg.weights} if self.cfg.weights else {}))
+                                  **({"weights": self.cfg.weights} if self.cfg.weights else {}),
+                                  **({} if self.cfg.density_power is None else
+                                     {"density_power": self.cfg.density_power}))
             record = rank_task(self.client, self.pool_task, self.handler.predictor, options)
             created = record["created_task"]
             created["ranking_seconds"] = record["seconds"]

@@ -58,6 +58,7 @@ class Cell:
     attributes: dict[str, str] = field(default_factory=dict)
     points: np.ndarray | None = None            # (N, 2) polygon in frame px, N >= 3 (set by detect)
     mask_fuzziness: float = 0.0                 # share of the mask head's map that is unsure (see mask_fuzziness)
+    embedding: np.ndarray | None = None         # what the mask head saw: its features, averaged over the cell
 
     def full_mask(self, height: int, width: int) -> np.ndarray:
         out = np.zeros((height, width), dtype=bool)
@@ -276,12 +277,12 @@ class Predictor:
         if cap < 1:
             raise ValueError(f"max_cells must be at least 1, got {max_cells}")
         t1 = time.perf_counter()
-        boxes, scores, labels, probs, rejected = self._run_model(small, thr)  # lossless: no merge raises scores
+        boxes, scores, labels, probs, rejected, embeddings = self._run_model(small, thr)  # no merge raises scores
         timings["model"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         cells: list[Cell] = []
         sx, sy = native_w / in_w, native_h / in_h
-        for box, score, label, prob in zip(boxes, scores, labels, probs, strict=True):
+        for box, score, label, prob, embedding in zip(boxes, scores, labels, probs, embeddings, strict=True):
             nbox = np.array([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy])
             pasted = paste_mask(prob, nbox, native_w, native_h)
             if pasted is None:
@@ -293,7 +294,7 @@ class Predictor:
                               mask_crop=crop, origin=origin,
                               attributes={"segmenter_label": name, "segmenter_score": f"{float(score):.3f}",
                                           "decided_by": "segmenter"},
-                              mask_fuzziness=mask_fuzziness(prob)))
+                              mask_fuzziness=mask_fuzziness(prob), embedding=embedding))
         timings["masks"] = time.perf_counter() - t2
         t3 = time.perf_counter()
         if self.classifier is not None and cells:
@@ -329,9 +330,10 @@ class Predictor:
 
     @torch.inference_mode()
     def _run_model(self, image: np.ndarray, threshold: float
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes in ``image`` coordinates, scores, labels, raw (M x M) mask probabilities, and the scores of
-        the candidates under ``threshold``.
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes in ``image`` coordinates, scores, labels, raw (M x M) mask probabilities, the scores of
+        the candidates under ``threshold``, and each cell's mask-head features averaged over its map (N x C:
+        how the cell looks to the model, for :mod:`wbc_core.typicality`).
 
         Torchvision's Mask R-CNN forward, unrolled so that the mask head only runs on the cells that
         will be returned: detections after the cross-class NMS scoring at least ``threshold`` (the
@@ -359,7 +361,10 @@ class Predictor:
         boxes_t, scores_t, labels_t = boxes_t[keep], scores_t[keep], labels_t[keep]
         m = 2 * rh.mask_roi_pool.output_size[0]
         probs = np.zeros((0, m, m), np.float32)
+        embeddings = np.zeros((0, 0), np.float32)
         if len(boxes_t):
             mask_features = rh.mask_head(rh.mask_roi_pool(features, [boxes_t], images.image_sizes))
             probs = maskrcnn_inference(rh.mask_predictor(mask_features), [labels_t])[0][:, 0].cpu().numpy()
-        return boxes_t.cpu().numpy(), scores_t.cpu().numpy(), labels_t.cpu().numpy(), probs, rejected
+            embeddings = mask_features.mean(dim=(2, 3)).float().cpu().numpy()
+        return (boxes_t.cpu().numpy(), scores_t.cpu().numpy(), labels_t.cpu().numpy(), probs, rejected,
+                embeddings)

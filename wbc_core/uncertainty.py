@@ -14,7 +14,9 @@ the mirrored frame):
 - ``disagreement``: cells whose label the classifier overrode (``decided_by=classifier``);
 - ``low_classifier_confidence``: cells whose classifier probability is under 0.5;
 - ``flip_unmatched``: cells of the frame and of its mirror image that find no partner in the other (box IoU
-  < 0.5): an unstable count or outline.
+  < 0.5): an unstable count;
+- ``flip_outline``: the sum over the frame's cells of 1 - the mask IoU with their partner in the mirror image
+  (1 for a cell without one): an outline that moves when the frame is mirrored is one the expert may redraw.
 
 Which of them predict the expert's edits is measured by ``benchmarks/correction_effort.py``; :func:`rank` orders
 frames by a weighted sum of them.
@@ -28,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from wbc_core.detect import Detection, Predictor
+from wbc_core.detect import Cell, Detection, Predictor
 from wbc_core.matching import box_iou, greedy_pairs
 
 SIGNALS = ("near_threshold", "low_score", "mask_fuzziness", "disagreement", "low_classifier_confidence",
-           "flip_unmatched")
+           "flip_unmatched", "flip_outline")
 #: How much each signal counts in a frame's score (what ``cvat_sync rank`` uses unless told otherwise).
 DEFAULT_WEIGHTS: dict[str, float] = {name: 1.0 for name in SIGNALS}
 
@@ -46,6 +48,7 @@ class FrameUncertainty:
     disagreement: int = 0
     low_classifier_confidence: int = 0
     flip_unmatched: int | None = None   # None when the mirror pass was not run
+    flip_outline: float | None = None   # None when the mirror pass was not run
 
     def score(self, weights: Mapping[str, float] | None = None) -> float:
         """Weighted sum of the raw signals (default: each 1); :func:`rank` scales them first."""
@@ -59,6 +62,43 @@ class FrameUncertainty:
 def unmatched(boxes: np.ndarray, other: np.ndarray, min_iou: float = 0.5) -> int:
     """Boxes of either list with no partner (IoU >= ``min_iou``, one-to-one, best pairs first) in the other."""
     return len(boxes) + len(other) - 2 * len(greedy_pairs(box_iou(boxes, other), min_iou))
+
+
+def mask_iou(a: np.ndarray, a_origin: tuple[int, int], b: np.ndarray, b_origin: tuple[int, int]) -> float:
+    """IoU of two boolean mask crops placed at ``(left, top)`` origins in the same frame."""
+    (ax, ay), (bx, by) = a_origin, b_origin
+    x0, y0 = max(ax, bx), max(ay, by)
+    x1, y1 = min(ax + a.shape[1], bx + b.shape[1]), min(ay + a.shape[0], by + b.shape[0])
+    inter = 0
+    if x1 > x0 and y1 > y0:
+        inter = int(np.count_nonzero(a[y0 - ay:y1 - ay, x0 - ax:x1 - ax] & b[y0 - by:y1 - by, x0 - bx:x1 - bx]))
+    union = int(np.count_nonzero(a)) + int(np.count_nonzero(b)) - inter
+    return inter / union if union else 0.0
+
+
+def boxes_of(cells: Sequence[Cell]) -> np.ndarray:
+    return np.array([c.box for c in cells], float).reshape(-1, 4)
+
+
+def mirrored_boxes(cells: Sequence[Cell], width: int) -> np.ndarray:
+    """Boxes of cells found on the left-right mirror of a ``width``-px frame, in the frame's coordinates."""
+    return np.array([(width - c.box[2], c.box[1], width - c.box[0], c.box[3]) for c in cells], float).reshape(-1, 4)
+
+
+def mirrored_back(cell: Cell, width: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A cell found on the left-right mirror of a ``width``-px frame, as a mask crop and origin in the frame."""
+    left, top = cell.origin
+    return np.ascontiguousarray(cell.mask_crop[:, ::-1]), (width - left - cell.mask_crop.shape[1], top)
+
+
+def outline_instability(cells: Sequence[Cell], mirrored: Sequence[Cell], width: int, min_iou: float = 0.5) -> float:
+    """Sum over ``cells`` of 1 - the mask IoU with their partner among ``mirrored`` (cells found on the mirror
+    image, paired by box IoU >= ``min_iou``, one-to-one): 0 when every outline survives the mirror exactly."""
+    total = float(len(cells))
+    for i, j in greedy_pairs(box_iou(boxes_of(cells), mirrored_boxes(mirrored, width)), min_iou):
+        crop, origin = mirrored_back(mirrored[j], width)
+        total -= mask_iou(cells[i].mask_crop, cells[i].origin, crop, origin)
+    return total
 
 
 def from_detection(detection: Detection, margin: float = 0.1) -> FrameUncertainty:
@@ -83,16 +123,14 @@ def from_detection(detection: Detection, margin: float = 0.1) -> FrameUncertaint
 def frame_uncertainty(predictor: Predictor, image: np.ndarray, threshold: float | None = None,
                       margin: float = 0.1, mirror: bool = True) -> tuple[Detection, FrameUncertainty]:
     """``detect`` on ``image`` (RGB uint8, native resolution) and its signals; with ``mirror``, one more ``detect``
-    on the left-right mirror image, whose cells are compared with the frame's (``flip_unmatched``)."""
+    on the left-right mirror image, whose cells are compared with the frame's (``flip_unmatched``, ``flip_outline``)."""
     detection = predictor.detect(image, threshold)
     signals = from_detection(detection, margin)
     if mirror:
         flipped = predictor.detect(np.ascontiguousarray(image[:, ::-1]), threshold)
         w = image.shape[1]
-        boxes = np.array([c.box for c in detection.cells], float).reshape(-1, 4)
-        back = np.array([(w - c.box[2], c.box[1], w - c.box[0], c.box[3]) for c in flipped.cells],
-                        float).reshape(-1, 4)
-        signals.flip_unmatched = unmatched(boxes, back)
+        signals.flip_unmatched = unmatched(boxes_of(detection.cells), mirrored_boxes(flipped.cells, w))
+        signals.flip_outline = round(outline_instability(detection.cells, flipped.cells, w), 4)
     return detection, signals
 
 
