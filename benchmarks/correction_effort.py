@@ -12,7 +12,8 @@ Before the runs, the uncertainty signals are measured against the edits they sho
 pre-annotates every pool frame, and each signal's Spearman correlation with each kind of edit per frame (redraw,
 draw, delete, relabel) is computed (permutation p-value). In the ranked order a signal weighs the sum, over the
 kinds it predicts (rho > 0, p < 0.05), of rho times the kind's share of the pool's edits (:func:`signal_weights`;
-signals non-zero on fewer than 5 frames are left out).
+signals non-zero on fewer than 5 frames are left out). The ranked order is ``cvat_sync rank``'s: that uncertainty
+times the typicality of the frame's cells to the power ``--density-power`` (default 2, :mod:`wbc_core.typicality`).
 
     python benchmarks/correction_effort.py --set bccd --start runs/loso-bccd/served --data-root ../shared/data \\
         --seeds 0 1 2 --batch 10 --cycles 3 --minutes 3 --out benchmarks/results
