@@ -127,3 +127,14 @@ def test_paste_mask_matches_torchvision() -> None:
     ref = paste_masks_in_image(torch.from_numpy(prob)[None, None], torch.from_numpy(box)[None].float(),
                                (160, 200))[0, 0].numpy() >= 0.5
     assert M.mask_iou(mine, ref) > 0.97
+
+
+def test_mask_iou_of_crops_at_their_origins() -> None:
+    a = np.ones((10, 10), bool)
+    assert M.crop_mask_iou(a, (0, 0), a, (0, 0)) == 1.0
+    assert M.crop_mask_iou(a, (0, 0), a, (5, 0)) == pytest.approx(50 / 150)   # half overlaps
+    assert M.crop_mask_iou(a, (0, 0), a, (10, 10)) == 0.0                      # touching corners only
+    ring = np.ones((4, 4), bool)
+    ring[1:3, 1:3] = False
+    assert M.crop_mask_iou(ring, (3, 3), np.ones((2, 2), bool), (4, 4)) == 0.0  # the hole
+    assert M.crop_mask_iou(np.zeros((3, 3), bool), (0, 0), np.zeros((2, 2), bool), (0, 0)) == 0.0

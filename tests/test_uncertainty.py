@@ -18,7 +18,6 @@ from wbc_core.uncertainty import (
     FrameUncertainty,
     frame_uncertainty,
     from_detection,
-    mask_iou,
     mirrored_back,
     outline_instability,
     rank,
@@ -112,17 +111,6 @@ def test_the_mirror_pass_maps_cells_back_and_counts_the_unstable_ones() -> None:
     assert odd.flip_outline == 1.0  # ...and has no outline to compare with there
     _, without = frame_uncertainty(BlobFinder(), image, mirror=False)  # type: ignore[arg-type]
     assert without.flip_unmatched is None and without.flip_outline is None
-
-
-def test_mask_iou_of_crops_at_their_origins() -> None:
-    a = np.ones((10, 10), bool)
-    assert mask_iou(a, (0, 0), a, (0, 0)) == 1.0
-    assert mask_iou(a, (0, 0), a, (5, 0)) == pytest.approx(50 / 150)   # half overlaps
-    assert mask_iou(a, (0, 0), a, (10, 10)) == 0.0                      # touching corners only
-    ring = np.ones((4, 4), bool)
-    ring[1:3, 1:3] = False
-    assert mask_iou(ring, (3, 3), np.ones((2, 2), bool), (4, 4)) == 0.0  # the hole
-    assert mask_iou(np.zeros((3, 3), bool), (0, 0), np.zeros((2, 2), bool), (0, 0)) == 0.0
 
 
 def test_outline_instability_compares_each_outline_with_its_mirror_partner() -> None:

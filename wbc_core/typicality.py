@@ -25,7 +25,7 @@ import numpy as np
 
 #: Nearest neighbours a cell's typicality is measured over (TypiClust's choice).
 NEIGHBOURS = 20
-#: How much typicality counts against uncertainty in :func:`wbc_core.uncertainty.scores` (0: uncertainty only).
+#: How much typicality counts against uncertainty in ``cvat_sync rank``'s score (0: uncertainty only).
 #: 2, not the textbook 1: on the BCCD pool (205 frames) the top 10 frames then hold as many rough outlines
 #: (7) and one false or missed cell, and their cells are as typical as the pool's most typical quarter.
 DENSITY_POWER = 2.0
@@ -58,7 +58,7 @@ def frame_typicality(cell_embeddings: Sequence[Sequence[np.ndarray]], k: int = N
     np.add.at(sums, owners, typ)
     np.add.at(counts, owners, 1)
     has = counts > 0
-    out = np.full(len(cell_embeddings), 0.0)
+    out = np.zeros(len(cell_embeddings))
     out[has] = sums[has] / counts[has]
     out[~has] = float(np.median(out[has]))
     return [round(float(v), 4) for v in out]

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from wbc_core.data.masks import crop_mask_iou
 from wbc_core.detect import Cell, Detection, Predictor
 from wbc_core.matching import box_iou, greedy_pairs
 
@@ -64,18 +65,6 @@ def unmatched(boxes: np.ndarray, other: np.ndarray, min_iou: float = 0.5) -> int
     return len(boxes) + len(other) - 2 * len(greedy_pairs(box_iou(boxes, other), min_iou))
 
 
-def mask_iou(a: np.ndarray, a_origin: tuple[int, int], b: np.ndarray, b_origin: tuple[int, int]) -> float:
-    """IoU of two boolean mask crops placed at ``(left, top)`` origins in the same frame."""
-    (ax, ay), (bx, by) = a_origin, b_origin
-    x0, y0 = max(ax, bx), max(ay, by)
-    x1, y1 = min(ax + a.shape[1], bx + b.shape[1]), min(ay + a.shape[0], by + b.shape[0])
-    inter = 0
-    if x1 > x0 and y1 > y0:
-        inter = int(np.count_nonzero(a[y0 - ay:y1 - ay, x0 - ax:x1 - ax] & b[y0 - by:y1 - by, x0 - bx:x1 - bx]))
-    union = int(np.count_nonzero(a)) + int(np.count_nonzero(b)) - inter
-    return inter / union if union else 0.0
-
-
 def boxes_of(cells: Sequence[Cell]) -> np.ndarray:
     return np.array([c.box for c in cells], float).reshape(-1, 4)
 
@@ -97,7 +86,7 @@ def outline_instability(cells: Sequence[Cell], mirrored: Sequence[Cell], width: 
     total = float(len(cells))
     for i, j in greedy_pairs(box_iou(boxes_of(cells), mirrored_boxes(mirrored, width)), min_iou):
         crop, origin = mirrored_back(mirrored[j], width)
-        total -= mask_iou(cells[i].mask_crop, cells[i].origin, crop, origin)
+        total -= crop_mask_iou(cells[i].mask_crop, cells[i].origin, crop, origin)
     return total
 
 

@@ -197,3 +197,16 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = np.logical_and(a, b).sum()
     union = np.logical_or(a, b).sum()
     return float(inter / union) if union else 1.0
+
+
+def crop_mask_iou(a: np.ndarray, a_origin: tuple[int, int], b: np.ndarray, b_origin: tuple[int, int]) -> float:
+    """IoU of two boolean mask crops placed at ``(left, top)`` origins in the same frame, without pasting them
+    into the frame; 0 when both are empty (no outline to agree on)."""
+    (ax, ay), (bx, by) = a_origin, b_origin
+    x0, y0 = max(ax, bx), max(ay, by)
+    x1, y1 = min(ax + a.shape[1], bx + b.shape[1]), min(ay + a.shape[0], by + b.shape[0])
+    inter = 0
+    if x1 > x0 and y1 > y0:
+        inter = int(np.count_nonzero(a[y0 - ay:y1 - ay, x0 - ax:x1 - ax] & b[y0 - by:y1 - by, x0 - bx:x1 - bx]))
+    union = int(np.count_nonzero(a)) + int(np.count_nonzero(b)) - inter
+    return inter / union if union else 0.0
