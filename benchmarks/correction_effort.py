@@ -13,16 +13,21 @@ pre-annotates every pool frame, and each signal's Spearman correlation with each
 draw, delete, relabel) is computed (permutation p-value). In the ranked order a signal weighs the sum, over the
 kinds it predicts (rho > 0, p < 0.05), of rho times the kind's share of the pool's edits (:func:`signal_weights`;
 signals non-zero on fewer than 5 frames are left out). The ranked order is ``cvat_sync rank``'s: that uncertainty
-times the typicality of the frame's cells to the power ``--density-power`` (default 2, :mod:`wbc_core.typicality`).
+times the typicality of the frame's cells to the power ``--density-power`` (default 2, :mod:`wbc_core.typicality`),
+with a fifth of each batch taken from the frames the retrain will hold out for its gate (:mod:`wbc_core.split`).
 
     python benchmarks/correction_effort.py --set bccd --start runs/loso-bccd/served --data-root ../shared/data \\
-        --seeds 0 1 2 --batch 10 --cycles 3 --minutes 3 --out benchmarks/results
+        --seeds 0 1 2 --batch 10 --cycles 3 --steps 200 --minutes 12 --out benchmarks/results
+
+``--steps`` makes every retrain train exactly that many steps with the run's seed, so a run repeats on a busy
+machine (``--minutes`` then only caps a cycle); without it each fine-tune stops on the clock, and the same frames
+gave 0.29 and 0.36 of from-scratch in two runs.
 
 ``runs/loso-bccd/served`` is the leave-BCCD-out starter (Bio-Net boxes and synthetic outlines, never a BCCD frame),
-served as the shipped starter is (72 px red cells, threshold 0.9); about an hour on 2 cores:
+served as the shipped starter is (72 px red cells, threshold 0.9); 700 steps, 45 to 60 minutes on 2 cores:
 
     python -m trainer train-starter --data-root ../shared/data --out runs/loso-bccd --leave-out bccd \\
-        --max-minutes 57 --no-classifier
+        --max-steps 700 --no-classifier
     python -m trainer package-bundle runs/loso-bccd/bundle runs/loso-bccd/served --rbc-px 72 --threshold 0.9
 
 Writes ``correction_effort.json`` (keys ``sets``, ``batch``, ``seeds``, ``curves``, ``scratch_edits_per_frame``,
@@ -182,7 +187,8 @@ def run_one(order: str, seed: int, args: argparse.Namespace, pool: Any, held: An
 
     rules = EditRules(redraw_iou=args.redraw_iou, check_labels=False)
     cfg = SimulationConfig(order=order, seed=seed, batch=args.batch, cycles=args.cycles, minutes=args.minutes,
-                           min_steps=args.min_steps,
+                           min_steps=args.min_steps, steps=args.steps,
+                           segmenter_config=str(args.segmenter_config) if args.segmenter_config else None,
                            ignore_unedited_outlines=not args.learn_unedited_outlines,
                            start=str(args.start) if args.start else None, rules=rules, weights=weights,
                            density_power=args.density_power,
@@ -207,6 +213,13 @@ def min_steps_used(args: argparse.Namespace) -> int:
     return SegmenterStep().min_steps if args.min_steps is None else args.min_steps
 
 
+def segmenter_config_used(args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer config every retrain fine-tunes with, as its settings (a changed file is another setting)."""
+    from trainer.config import load_config
+
+    return load_config(args.segmenter_config).to_dict()
+
+
 def density_power_used(args: argparse.Namespace) -> float:
     from wbc_core.typicality import DENSITY_POWER
 
@@ -216,7 +229,8 @@ def density_power_used(args: argparse.Namespace) -> float:
 def run_settings(args: argparse.Namespace, pool_frames: int, held_frames: int) -> dict[str, Any]:
     """What a run's result depends on besides its order and seed (a resumed --work folder must match)."""
     return {"set": args.set, "start": str(args.start) if args.start else None, "batch": args.batch,
-            "cycles": args.cycles, "minutes": args.minutes, "min_steps": min_steps_used(args),
+            "cycles": args.cycles, "minutes": args.minutes, "min_steps": min_steps_used(args), "steps": args.steps,
+            "segmenter_config": segmenter_config_used(args),
             "learn_unedited_outlines": args.learn_unedited_outlines,
             "redraw_iou": args.redraw_iou, "density_power": density_power_used(args),
             "pool_frames": pool_frames, "held_frames": held_frames, "gate_noise_z": args.gate_noise_z,
@@ -317,6 +331,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--minutes", type=float, default=2.5, help="fine-tuning budget per retrain cycle")
+    ap.add_argument("--steps", type=int, metavar="N",
+                    help="each retrain trains exactly N steps, seeded by the run's seed (segmenter.steps): runs "
+                         "repeat, whatever else the machine does; --minutes then only caps a cycle (default: "
+                         "--minutes decides)")
+    ap.add_argument("--segmenter-config", type=Path, metavar="YAML",
+                    help="trainer config each retrain fine-tunes with (segmenter.config; default: the packaged "
+                         "CPU config), e.g. to compare train.precise_bn_frames or model.trainable_backbone_layers")
     ap.add_argument("--min-steps", type=int, metavar="N",
                     help="each retrain trains at least N steps within --minutes (segmenter.min_steps; default: the "
                          "retrain default; 0: the config's epochs alone, which end a 6-frame fine-tune after 42)")
@@ -349,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps must be at least 1, not {args.steps}")
     if args.replot:
         plot(json.loads((args.out / f"{args.name}.json").read_text()), args.out / f"{args.name}.png")
         return 0
@@ -394,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "sets": [args.set], "batch": args.batch, "seeds": args.seeds, "cycles": args.cycles,
         "start": str(args.start) if args.start else None, "minutes_per_cycle": args.minutes,
-        "min_steps_per_cycle": min_steps_used(args),
+        "min_steps_per_cycle": min_steps_used(args), "steps_per_cycle": args.steps,
+        "segmenter_config": str(args.segmenter_config or "trainer/configs/segmenter-cpu.yaml"),
         "outlines_learned_from": ("every saved cell" if args.learn_unedited_outlines else
                                   "the cells the expert drew or redrew (not those left as the function drew them)"),
         "pool_frames": len(pool.images), "held_back_frames": len(held.images),

@@ -12,6 +12,7 @@ from cvat_sync.client import CvatClient, CvatError, RetryPolicy
 from cvat_sync.config import JOB_FILTERS, ConfigError, Settings, load_settings, parse_ratio, parse_size
 from cvat_sync.pull import EXPORT_FORMATS, PullOptions, TaskReport, admitted, job_signature, printable, pull_tasks
 from cvat_sync.store import StoreError, read_provenance
+from wbc_core.split import SALT, VAL_FRACTION
 
 log = logging.getLogger("cvat_sync")
 
@@ -69,8 +70,10 @@ its score is a weighted count of near-threshold cells, segmenter-classifier disa
 calls and cells that do not survive the mirror. Writes OUT/ranking.json and OUT/ranking.csv, most
 uncertain first. With --create-task K, also creates a new CVAT task (same labels and project) holding
 the top K frames, ready for Automatic annotation and correction; its frames are recorded in
-OUT/queued.json so the next ranking skips them. On any failure nothing is written (a half-made task is
-deleted) and the retrain registry is never touched.
+OUT/queued.json so the next ranking skips them. A fifth of those K frames (--val-fraction) are frames
+that trainer retrain will hold out for its promotion gate (its split, by a hash of the image bytes),
+spread over the ranking, so the first retrain after the corrections can gate and promote. On any
+failure nothing is written (a half-made task is deleted) and the retrain registry is never touched.
 """ + CONNECTION
 
 EPILOG = """\
@@ -170,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score = uncertainty x typicality ** P, where typicality (0-1] says how much a frame's "
                          "cells look like the task's other cells to the model (default 2; 0: uncertainty only, "
                          "which with few corrected frames tends to pick outliers)")
+    rk.add_argument("--val-fraction", type=float, default=VAL_FRACTION, metavar="F",
+                    help=f"share of the --create-task frames that are validation-side frames of the retrain split "
+                         f"(default {VAL_FRACTION:g}; set it to retrain.yaml's split.val_fraction; 0: the top K "
+                         "whatever their side)")
+    rk.add_argument("--split-salt", default=SALT, metavar="S",
+                    help="the retrain split's salt (retrain.yaml's split.salt; default %(default)s)")
     rk.add_argument("--no-progress", action="store_true", help="no progress bar")
     _connection_args(rk)
     return parser
@@ -336,6 +345,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threshold {args.threshold}: a score between 0 and 1")
     if args.density_power is not None and not 0 <= args.density_power <= 10:
         raise ConfigError(f"--density-power {args.density_power}: a number from 0 (uncertainty only) to 10")
+    if not 0 <= args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction {args.val_fraction}: from 0 to below 1, as retrain.yaml's "
+                          "split.val_fraction")
     weights = _weights(args.weight)
     settings = _settings(args)
     bundle_dir = args.bundle or STARTER_DIR
@@ -347,7 +359,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     out = args.out or Path("data/rank") / f"task-{args.task}"
     options = RankOptions(out=out, create_task=args.create_task, mirror=not args.no_mirror, threshold=args.threshold,
                           weights=weights, progress=not args.no_progress and sys.stderr.isatty(),
-                          task_name=args.task_name,
+                          task_name=args.task_name, val_fraction=args.val_fraction, salt=args.split_salt,
                           **({} if args.density_power is None else {"density_power": args.density_power}))
     with CvatClient(settings, retry=_retry(args)) as client:
         client.server_version()
@@ -355,12 +367,13 @@ def cmd_rank(args: argparse.Namespace) -> int:
     top = record["ranking"][:10]
     lines = [f"task {record['task']} ({record['task_name']}): {record['frames_ranked']} frames ranked "
              f"({record['frames_annotated']} already annotated) in {record['seconds']:.0f} s; highest score first "
-             "(uncertainty x typicality ** {record['density_power']:g}):"]
+             f"(uncertainty x typicality ** {record['density_power']:g}):"]
     lines += [f"  {r['rank']:>4}  frame {r['frame']:>5}  {r['name']:<40}  score {r['score']}  "
-              f"(uncertainty {r['uncertainty']}, typicality {r['typicality']})" for r in top]
+              f"(uncertainty {r['uncertainty']}, typicality {r['typicality']}, {r['split']})" for r in top]
     created = record.get("created_task")
     if created:
-        lines.append(f"created task {created['id']} ({created['name']}) with {len(created['frames'])} frames")
+        lines.append(f"created task {created['id']} ({created['name']}) with {len(created['frames'])} frames, "
+                     f"{created['validation_frames']} of them validation-side")
     lines.append(f"written: {out / 'ranking.json'}, {out / 'ranking.csv'}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

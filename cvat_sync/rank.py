@@ -16,6 +16,14 @@ of training). A task is what a lab can assign, track and mark completed, and wha
 ``trainer retrain`` already take. The frames sent to a task are recorded in ``queued.json`` in ``--out``, so
 the next ranking skips them.
 
+**Validation frames in every queue**: ``trainer retrain`` splits frames into train and validation by a hash of
+their image bytes (:mod:`wbc_core.split`) and refuses to gate, so the expert's corrections wait, while no
+validation frame exists. The uncertain frames a ranking puts first fall on either side by chance (on BCCD the
+top ten were all training frames, and the first retrain was skipped). So each frame's side is computed here
+with the same rule, and ``val_fraction`` of the K queued frames (at least one) are validation-side frames,
+taken evenly spread over the ranking rather than from its top: the gate then judges a candidate on frames like
+the ones it will serve, not on the hardest ones. ``--val-fraction 0`` queues the top K as they come.
+
 Nothing is written when anything fails: a half-made task is deleted, the ranking files are written (atomically)
 only at the end, and the retrain registry is never touched.
 """
@@ -36,9 +44,11 @@ from tqdm import tqdm
 
 from cvat_sync.client import CvatClient, CvatError
 from cvat_sync.pull import check_meta, check_task, label_names_of, printable
+from cvat_sync.store import sha256_bytes
 from wbc_core.atomic import atomic_write_bytes
 from wbc_core.data.images import decode_rgb
 from wbc_core.detect import Predictor
+from wbc_core.split import SALT, VAL, VAL_FRACTION, split_side, validation_slots
 from wbc_core.typicality import DENSITY_POWER, frame_typicality
 from wbc_core.uncertainty import DEFAULT_WEIGHTS, SIGNALS, FrameUncertainty, frame_uncertainty, scores
 
@@ -65,6 +75,15 @@ class RankOptions:
     density_power: float = DENSITY_POWER    # how much typicality counts (0: uncertainty only)
     progress: bool = True
     task_name: str | None = None            # name of the created task (default: derived from the source task)
+    # the retrain split (retrain.yaml's split.val_fraction and split.salt): that share of a created task's frames
+    # are validation-side frames (0: the top K whatever their side)
+    val_fraction: float = VAL_FRACTION
+    salt: str = SALT
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction {self.val_fraction}: from 0 (top K only) to below 1, as "
+                             "retrain.yaml's split.val_fraction")
 
 
 @dataclass
@@ -75,12 +94,29 @@ class RankedFrame:
     signals: FrameUncertainty
     uncertainty: float | None = None        # the weighted signals (wbc_core.uncertainty.scores)
     typicality: float | None = None         # wbc_core.typicality.frame_typicality
+    split: str | None = None                # the retrain side its image bytes give (wbc_core.split)
 
     def to_dict(self) -> dict[str, Any]:
         score = None if self.score == float("-inf") else round(self.score, 4)  # None: not an image
         return {"frame": self.frame, "name": self.name, "score": score,
                 "uncertainty": None if self.uncertainty is None else round(self.uncertainty, 4),
-                "typicality": self.typicality, **self.signals.to_dict()}
+                "typicality": self.typicality, "split": self.split, **self.signals.to_dict()}
+
+
+def frames_to_queue(ranked: list[RankedFrame], k: int, val_fraction: float) -> list[RankedFrame]:
+    """The ``k`` frames to queue from ``ranked`` (best first; unreadable frames never): the top-ranked
+    training-side frames, plus :func:`wbc_core.split.validation_slots` validation-side frames spread evenly over
+    the validation side's ranking (so the gate sees easy and hard frames alike). When one side runs short, the
+    other's next frames fill in. Returned in ranking order."""
+    readable = [r for r in ranked if r.score != float("-inf")]
+    if val_fraction <= 0:
+        return readable[:k]
+    val = [r for r in readable if r.split == VAL]
+    train = [r for r in readable if r.split != VAL]
+    n_val = min(max(validation_slots(k, val_fraction), k - len(train)), len(val))
+    picks = {id(val[int((i + 0.5) * len(val) / n_val)]) for i in range(n_val)} if n_val else set()
+    picks |= {id(r) for r in train[:k - n_val]}
+    return [r for r in readable if id(r) in picks]
 
 
 def queued_frames(out: Path, task_id: int) -> set[str]:
@@ -171,7 +207,8 @@ def rank_task(client: CvatClient, task_id: int, predictor: Predictor, options: R
             continue
         detection, signals = frame_uncertainty(predictor, image, options.threshold, mirror=options.mirror)
         embeddings[n] = [c.embedding for c in detection.cells if c.embedding is not None]
-        ranked.append(RankedFrame(n, frame_name, 0.0, signals))
+        side = split_side(sha256_bytes(data), options.salt, options.val_fraction)
+        ranked.append(RankedFrame(n, frame_name, 0.0, signals, split=side))
     readable = [r for r in ranked if r.score != float("-inf")]
     uncertain = scores([r.signals for r in readable], options.weights)
     typical = frame_typicality([embeddings[r.frame] for r in readable])
@@ -184,13 +221,18 @@ def rank_task(client: CvatClient, task_id: int, predictor: Predictor, options: R
         "task": task_id, "task_name": name, "bundle": str(predictor.bundle.directory),
         "threshold": predictor.default_threshold if options.threshold is None else options.threshold,
         "signals": list(SIGNALS), "weights": dict(options.weights), "density_power": options.density_power,
-        "mirror": options.mirror,
+        "mirror": options.mirror, "split": {"val_fraction": options.val_fraction, "salt": options.salt},
         "frames_ranked": len(ranked), "frames_annotated": len(annotated), "frames_queued_before": len(queued),
         "ranking": [r.to_dict() | {"rank": i + 1} for i, r in enumerate(ranked)],
     }
     if options.create_task > 0:
-        top = [r for r in ranked[:options.create_task] if r.score != float("-inf")]
+        top = frames_to_queue(ranked, options.create_task, options.val_fraction)
+        val_queued = sum(r.split == VAL for r in top)
+        if options.val_fraction > 0 and not val_queued and len(top) >= 2:
+            log.warning("%s: none of the unannotated frames falls on the validation side; trainer retrain will "
+                        "refuse to gate until a validation frame is corrected", what)
         record["created_task"] = create_task_from_frames(client, task, label_list(labels), top, options)
+        record["created_task"]["validation_frames"] = val_queued
     record["seconds"] = round(time.perf_counter() - t0, 2)
     write_ranking(options.out, record)
     if record.get("created_task"):
@@ -253,7 +295,7 @@ def write_ranking(out: Path, record: dict[str, Any]) -> None:
     atomic_write_bytes(out / RANKING_JSON, (json.dumps(record, indent=1) + "\n").encode())
     buf = io.StringIO()
     writer = csv.writer(buf)
-    columns = ["rank", "frame", "name", "score", "uncertainty", "typicality", "cells", *SIGNALS]
+    columns = ["rank", "frame", "name", "score", "uncertainty", "typicality", "split", "cells", *SIGNALS]
     writer.writerow(columns)
     for row in record["ranking"]:
         writer.writerow([row[c] for c in columns])

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks import correction_effort
 
@@ -49,6 +50,20 @@ def test_the_steps_each_retrain_trains_are_part_of_the_settings() -> None:
     old = correction_effort.run_settings(correction_effort.parser().parse_args(["--min-steps", "0"]), 5, 5)
     assert old["min_steps"] == 0
     assert old != default, "runs made before min_steps (42-step fine-tunes) are never resumed into a new result"
+    fixed = correction_effort.run_settings(correction_effort.parser().parse_args(["--steps", "200"]), 5, 5)
+    assert (default["steps"], fixed["steps"]) == (None, 200)
+    assert fixed != default, "clock-bounded runs are never resumed into a fixed-step result"
+
+
+def test_the_trainer_config_of_the_retrains_is_part_of_the_settings(tmp_path: Path) -> None:
+    default = correction_effort.run_settings(correction_effort.parser().parse_args([]), 5, 5)
+    assert default["segmenter_config"]["train"]["precise_bn_frames"] == 64, "the packaged CPU config"
+    other = tmp_path / "no-precise-bn.yaml"
+    other.write_text(yaml.safe_dump({"train": {"precise_bn_frames": 0}}))
+    changed = correction_effort.run_settings(
+        correction_effort.parser().parse_args(["--segmenter-config", str(other)]), 5, 5)
+    assert changed["segmenter_config"]["train"]["precise_bn_frames"] == 0
+    assert changed != default
 
 
 def test_whether_retrains_learn_unedited_outlines_is_part_of_the_settings() -> None:

@@ -5,7 +5,6 @@ subprocess, the function hot-reloads what was promoted."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from trainer.synthetic import generate_task
 from wbc_core.bundle import write_bundle
 from wbc_core.data.masks import cvat_rle_decode, mask_to_polygon
 from wbc_core.data.types import AnnotatedDataset
+from wbc_core.split import validation_slots
 
 
 def _data(folder: Path, n: int, seed: int) -> AnnotatedDataset:
@@ -35,11 +35,11 @@ def _data(folder: Path, n: int, seed: int) -> AnnotatedDataset:
     return data
 
 
-def _simulation(tmp_path: Path, order: str, start: Path | None, pool: AnnotatedDataset, held: AnnotatedDataset
-                ) -> tuple[StandinCVAT, Simulation]:
+def _simulation(tmp_path: Path, order: str, start: Path | None, pool: AnnotatedDataset, held: AnnotatedDataset,
+                steps: int | None = None) -> tuple[StandinCVAT, Simulation]:
     seg = tmp_path / f"segmenter-{order}.yaml"
     seg.write_text(yaml.safe_dump({**TINY_SEGMENTER, "train": {**TINY_SEGMENTER["train"], "epochs": 2}}))
-    cfg = SimulationConfig(order=order, seed=3, batch=4, cycles=1, minutes=0.2, min_steps=0,
+    cfg = SimulationConfig(order=order, seed=3, batch=4, cycles=1, minutes=0.2, min_steps=0, steps=steps,
                            start=str(start) if start else None,
                            segmenter_config=str(seg), val_fraction=0.5,
                            gate={"max_drop": {"mask_ap_any": 1.0}, "min": {"mask_ap_any": 0.0}})
@@ -61,7 +61,7 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[AnnotatedDataset, An
 def test_from_no_model_every_cell_is_drawn_then_a_retrain_serves_a_model(
         tmp_path: Path, sets: tuple[AnnotatedDataset, AnnotatedDataset]) -> None:
     pool, held = sets
-    cvat, sim = _simulation(tmp_path, "random", None, pool, held)
+    cvat, sim = _simulation(tmp_path, "random", None, pool, held, steps=3)
     try:
         result = sim.run()
         first, after = result["curve"]
@@ -78,10 +78,10 @@ def test_from_no_model_every_cell_is_drawn_then_a_retrain_serves_a_model(
         assert all(cvat.job(j).state == "completed" for j in task.jobs)
         assert result["batch_edits"] == [sum(len(truth[f.name].instances) for f in task.frames)]
         if cycle["retrain"]["decision"] != "skipped: no validation frames yet":
-            # the retrain trained the tiny config's 2 epochs (min_steps 0) and the cycle says how many steps
-            assert yaml.safe_load((tmp_path / "random" / "retrain.yaml").read_text()
-                                  )["segmenter"]["min_steps"] == 0
-            assert cycle["retrain"]["train_steps"] == 2 * math.ceil(cycle["retrain"]["train_frames"] / 2)
+            # the retrain trained exactly the 3 steps asked for, with the run's seed, and the cycle says so
+            segmenter = yaml.safe_load((tmp_path / "random" / "retrain.yaml").read_text())["segmenter"]
+            assert (segmenter["steps"], segmenter["seed"], segmenter["min_steps"]) == (3, 3, 0)
+            assert cycle["retrain"]["train_steps"] == 3
         if cycle["retrain"]["decision"] == "promoted":
             assert after["version"] == sim.registry.current() == "v0001"
             assert sim.handler is not None and sim.handler.bundle_path.name == "v0001"  # served after the reload
@@ -89,8 +89,8 @@ def test_from_no_model_every_cell_is_drawn_then_a_retrain_serves_a_model(
         cvat.stop()
 
 
-def test_ranked_order_queues_the_frames_rank_put_first(tmp_path: Path,
-                                                       sets: tuple[AnnotatedDataset, AnnotatedDataset]) -> None:
+def test_ranked_order_queues_what_rank_chose(tmp_path: Path,
+                                             sets: tuple[AnnotatedDataset, AnnotatedDataset]) -> None:
     torch.set_num_threads(1)
     cfg, model = blob_segmenter(1, seed=4)
     start = write_bundle(tmp_path / "start", model, [WBC_LABEL], cfg, 0.02)
@@ -101,12 +101,21 @@ def test_ranked_order_queues_the_frames_rank_put_first(tmp_path: Path,
         assert sim.registry.current() == "v0001" and sim.handler is not None
         created = sim.choose(4)
         ranking = json.loads((sim.work / "rank" / "ranking.json").read_text())
-        top = [r["name"] for r in ranking["ranking"][:4]]
-        assert created["frames"] == top == [f.name for f in cvat.task(created["id"]).frames]
+        order = [r["name"] for r in ranking["ranking"]]
+        side = {r["name"]: r["split"] for r in ranking["ranking"]}
+        assert "val" in side.values() and "train" in side.values()  # (the pool holds both)
+        # the top training-side frames and the retrain's share from the validation side (it needs one to gate),
+        # in ranking order: the task the expert opens
+        n_val = validation_slots(4, sim.cfg.val_fraction)
+        assert created["frames"] == sorted(created["frames"], key=order.index)
+        train_side = [n for n in order if side[n] == "train"]
+        assert [n for n in created["frames"] if side[n] == "train"] == train_side[:4 - n_val]
+        assert sum(side[n] == "val" for n in created["frames"]) == n_val == created["validation_frames"] >= 1
+        assert created["frames"] == [f.name for f in cvat.task(created["id"]).frames]
         edits = sim.correct(created)
-        assert len(edits) == 4 and sim.corrected == top and sim.batch_tasks == [created["id"]]
+        assert len(edits) == 4 and sim.corrected == created["frames"] and sim.batch_tasks == [created["id"]]
         again = sim.choose(4)  # the next batch skips the frames already queued
-        assert not set(again["frames"]) & set(top)
+        assert not set(again["frames"]) & set(created["frames"])
     finally:
         cvat.stop()
 
@@ -186,3 +195,8 @@ def test_a_retrain_without_validation_frames_is_skipped_and_any_other_failure_st
     with pytest.raises(RuntimeError, match=r"exit 1(.|\n)*cannot reach CVAT"):
         sim.retrain()
     assert "validation frames" in (tmp_path / "retrain.log").read_text()  # what the command said is kept
+
+
+def test_a_step_count_under_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        SimulationConfig(steps=0)

@@ -3,6 +3,7 @@ over real HTTP against the CVAT stand-in, with a real (tiny) bundle through the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,12 +13,24 @@ import torch
 from cvat_sync.__main__ import main as cvat_sync_main
 from cvat_sync.client import CvatClient, CvatError, RetryPolicy
 from cvat_sync.config import Secret, Settings
-from cvat_sync.rank import QUEUED_JSON, RANKING_CSV, RANKING_JSON, RankError, RankOptions, annotated_frames, rank_task
+from cvat_sync.rank import (
+    QUEUED_JSON,
+    RANKING_CSV,
+    RANKING_JSON,
+    RankedFrame,
+    RankError,
+    RankOptions,
+    annotated_frames,
+    frames_to_queue,
+    rank_task,
+)
 from tests.cvat_standin import StandinCVAT
 from tests.standin_fixtures import small_jpeg
 from tests.tiny_models import blob_segmenter
 from wbc_core.bundle import write_bundle
 from wbc_core.detect import Predictor
+from wbc_core.split import split_side
+from wbc_core.uncertainty import FrameUncertainty
 
 FRAMES = [(f"slide_{i}.jpg", small_jpeg(i, 256, 192)) for i in range(5)]
 
@@ -52,7 +65,8 @@ def test_rank_skips_annotated_frames_queues_the_top_ones_and_then_says_nothing_i
         label = {lab.name: lab.id for lab in cvat.task_labels(cvat.task(tid))}["wbc"]
         cvat.set_annotations(tid, [{"type": "rectangle", "frame": 1, "label_id": label, "points": [1, 1, 20, 20]}])
         out = tmp_path / "rank"
-        first = rank_task(client, tid, predictor, RankOptions(out=out, create_task=2, progress=False))
+        top2 = RankOptions(out=out, create_task=2, progress=False, val_fraction=0.0)
+        first = rank_task(client, tid, predictor, top2)
         ranked = [r["frame"] for r in first["ranking"]]
         assert sorted(ranked) == [0, 2, 3, 4] and first["frames_annotated"] == 1
         scores = [r["score"] for r in first["ranking"]]
@@ -65,7 +79,7 @@ def test_rank_skips_annotated_frames_queues_the_top_ones_and_then_says_nothing_i
         assert json.loads((out / RANKING_JSON).read_text()) == first
         assert len((out / RANKING_CSV).read_text().splitlines()) == 1 + 4
 
-        created = first["created_task"]
+        created = first["created_task"]  # the top 2 (val_fraction 0: whatever their retrain side)
         new = cvat.task(created["id"])
         assert [f.name for f in new.frames] == [FRAMES[n][0] for n in ranked[:2]] == created["frames"]
         assert [f.data for f in new.frames] == [FRAMES[n][1] for n in ranked[:2]]  # the original bytes
@@ -73,11 +87,11 @@ def test_rank_skips_annotated_frames_queues_the_top_ones_and_then_says_nothing_i
         assert json.loads((out / QUEUED_JSON).read_text()) == {str(tid): [{"task": created["id"],
                                                                           "frames": created["frames"]}]}
 
-        second = rank_task(client, tid, predictor, RankOptions(out=out, create_task=2, progress=False))
+        second = rank_task(client, tid, predictor, top2)
         assert sorted(r["frame"] for r in second["ranking"]) == sorted(ranked[2:])
         tasks_before = len(cvat.tasks)
         with pytest.raises(RankError, match="every frame is already annotated or queued"):
-            rank_task(client, tid, predictor, RankOptions(out=out, create_task=2, progress=False))
+            rank_task(client, tid, predictor, top2)
         assert json.loads((out / RANKING_JSON).read_text()) == second and len(cvat.tasks) == tasks_before
 
 
@@ -132,6 +146,41 @@ def test_unreadable_frames_rank_last_and_colliding_names_create_no_task(tmp_path
         assert len(cvat.tasks) == 2 and not out.exists()
 
 
+def _ranked(sides: str) -> list[RankedFrame]:
+    """Frames best first, one per letter: v a validation-side frame, t a training-side one, x unreadable."""
+    return [RankedFrame(i, f"f{i}.jpg", float("-inf") if c == "x" else float(len(sides) - i), FrameUncertainty(),
+                        split=None if c == "x" else "val" if c == "v" else "train") for i, c in enumerate(sides)]
+
+
+def test_a_queue_holds_validation_frames_spread_over_the_ranking() -> None:
+    ranked = _ranked("vtttxvttttvttttvtttt")
+    # 10 frames at a fifth for validation: two validation-side frames from the middle of their ranking (the 2nd
+    # and 4th of 0, 5, 10, 15), eight top training-side frames; the unreadable frame never
+    assert [r.frame for r in frames_to_queue(ranked, 10, 0.2)] == [1, 2, 3, 5, 6, 7, 8, 9, 11, 15]
+    assert [r.frame for r in frames_to_queue(ranked, 10, 0.0)] == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]  # the top 10
+    # too few training-side frames: validation-side ones fill the queue; too few frames: all of them
+    assert [r.split for r in frames_to_queue(_ranked("ttvvvv"), 5, 0.2)] == ["train", "train", "val", "val", "val"]
+    assert len(frames_to_queue(_ranked("tvx"), 5, 0.2)) == 2
+    assert [r.frame for r in frames_to_queue(_ranked("tttt"), 3, 0.2)] == [0, 1, 2]  # no validation frame to give
+
+
+def test_the_ranking_knows_each_frames_retrain_side_and_queues_one_of_the_validation_side(
+        tmp_path: Path, predictor: Predictor) -> None:
+    with StandinCVAT() as cvat, _client(cvat) as client:
+        tid = _task(cvat)
+        record = rank_task(client, tid, predictor, RankOptions(out=tmp_path / "rank", create_task=2, progress=False))
+        # the side trainer retrain will give each frame once pulled: the same rule over the same bytes
+        truth = {name: split_side(hashlib.sha256(data).hexdigest()) for name, data in FRAMES}
+        assert {r["name"]: r["split"] for r in record["ranking"]} == truth
+        assert record["split"] == {"val_fraction": 0.2, "salt": "wbc-split-1"}
+        assert "val" in truth.values()  # (the fixture's frames hold one)
+        created = record["created_task"]
+        assert created["validation_frames"] == 1 == sum(truth[n] == "val" for n in created["frames"])
+        assert created["frames"][0] == record["ranking"][0]["name"] or truth[record["ranking"][0]["name"]] == "val"
+        with pytest.raises(ValueError, match="val_fraction"):
+            RankOptions(out=tmp_path, val_fraction=1.0)
+
+
 def test_annotated_frames_reads_shapes_tags_and_tracks() -> None:
     annotations = {"shapes": [{"frame": 2}], "tags": [{"frame": 5}],
                    "tracks": [{"shapes": [{"frame": 7, "outside": False}, {"frame": 9, "outside": True}]}]}
@@ -153,6 +202,7 @@ def test_the_command_line(tmp_path: Path, bundle: Path, monkeypatch: pytest.Monk
                                "--create-task", "3", "--no-progress", "--weight", "low_score=2"]) == 0
         text = capsys.readouterr().out
         assert "5 frames ranked" in text and "created task" in text and cvat.admin_token not in text
+        assert "(uncertainty x typicality ** 2)" in text and "of them validation-side" in text
         record = json.loads((out / RANKING_JSON).read_text())
         assert record["weights"]["low_score"] == 2.0 and len(record["created_task"]["frames"]) == 3
         assert record["density_power"] > 0 and "typicality" in text
@@ -166,6 +216,7 @@ def test_the_command_line(tmp_path: Path, bundle: Path, monkeypatch: pytest.Monk
         assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--weight", "low_score=x"]) == 2
         assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--create-task", "-1"]) == 2
         assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--threshold", "1.5"]) == 2
+        assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(bundle), "--val-fraction", "1"]) == 2
         assert cvat_sync_main(["rank", "--task", str(tid), "--bundle", str(tmp_path / "missing")]) == 2
         assert cvat_sync_main(["rank", "--task", "999", "--bundle", str(bundle), "--out", str(tmp_path / "x")]) == 4
         assert not (tmp_path / "x").exists()

@@ -24,10 +24,11 @@ import yaml
 
 from tests.cvat_standin import StandinCVAT, dataset_shapes, label_ids, task_from_dataset
 from trainer.registry import Registry
-from trainer.retrain import NOTHING_NEW, PROMOTED, REFUSED, frame_key, load_retrain_config, split_side
+from trainer.retrain import NOTHING_NEW, PROMOTED, REFUSED, frame_key, load_retrain_config
 from trainer.synthetic import generate_task
 from wbc_core.data.loader import load_dataset
 from wbc_core.labels import RVPBS_LABELS
+from wbc_core.split import split_side
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

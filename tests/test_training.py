@@ -16,7 +16,7 @@ import yaml
 from trainer.config import TrainConfig
 from trainer.evaluate import evaluate_bundle
 from trainer.synthetic import generate_task
-from trainer.train_segmenter import CHECKPOINT, train_segmenter
+from trainer.train_segmenter import CHECKPOINT, lr_factor, train_segmenter
 from wbc_core.data.loader import load_dataset
 from wbc_core.detect import Predictor
 from wbc_core.model import WeightsError
@@ -70,6 +70,50 @@ def test_min_steps_trains_a_small_set_for_more_epochs(tmp_path: Path) -> None:
     assert len(rows) == 6, "4 frames, batch 2: 3 epochs of 2 steps are the fewest that reach 5 steps"
     assert {r.split(",")[1] for r in rows} == {"0", "1", "2"}
     assert yaml.safe_load((bundle / "bundle.yaml").read_text())["provenance"]["steps"] == 6
+
+
+def test_max_steps_stops_at_that_step_and_repeats(tmp_path: Path) -> None:
+    generate_task(tmp_path / "few", n_images=4, width=640, height=480, seed=13)
+    cfg = tiny_config(epochs=1, min_steps=50, max_steps=5, max_minutes=30.0, warmup_steps=1)
+    few = load_dataset(tmp_path / "few", label_map=cfg.labels, require_images=True)
+    first = train_segmenter(cfg, few, tmp_path / "a", progress=False)
+    rows = (tmp_path / "a" / "losses.csv").read_text().splitlines()[1:]
+    assert len(rows) == 5, "exactly max_steps: 2.5 epochs of 2 steps, min_steps ignored"
+    last_lr = cfg.train.lr * lr_factor(4, 5, 1, cfg.train.min_lr_ratio)
+    assert float(rows[-1].split(",")[3]) == pytest.approx(last_lr, rel=0.01), \
+        "the schedule spans the 5 steps, not 3 whole epochs"
+    again = train_segmenter(cfg, few, tmp_path / "b", progress=False)
+    a = torch.load(first / "model.pt", weights_only=True)
+    b = torch.load(again / "model.pt", weights_only=True)
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) == 0.0, "same steps, same model"
+
+
+def test_precise_batchnorm_is_the_plain_mean_over_augmented_training_batches(tasks: tuple[Path, Path]) -> None:
+    from trainer.data.segmentation_dataset import SegmentationDataset
+    from trainer.train_segmenter import precise_batchnorm
+    from wbc_core.model import build_model
+
+    cfg = tiny_config()
+    data = load_dataset(tasks[0], label_map=cfg.labels, require_images=True)
+    dataset = SegmentationDataset(data, cfg.labels, cfg.model.max_size, cfg.model.min_size, augment=cfg.augment,
+                                  scale=cfg.scale)
+    model = build_model(cfg.model, len(cfg.labels.classes)).train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms, "a from-scratch backbone has BatchNorm layers"
+    first = norms[0]
+    seen: list[torch.Tensor] = []
+    hook = first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].mean(dim=(0, 2, 3))))
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    used = precise_batchnorm(model, dataset, 5, 2, torch.device("cpu"))
+    hook.remove()
+    assert used == 5 and len(seen) == 3, "5 images in batches of 2"
+    assert torch.allclose(first.running_mean, torch.stack(seen).mean(0), atol=1e-5), "each batch counts the same"
+    assert first.momentum == 0.1 and model.training, "momentum and train mode are restored"
+    assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in weights.items()), "weights untouched"
+    once = first.running_var.clone()
+    precise_batchnorm(model, dataset, 5, 2, torch.device("cpu"))
+    assert torch.equal(first.running_var, once), "the same draw every time: a run repeats"
+    assert precise_batchnorm(model, dataset, 0, 2, torch.device("cpu")) == 0
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -22,6 +22,10 @@ class OptimConfig:
     # With few frames, raise the epochs until training runs at least this many steps (0: epochs alone decide).
     # A fine-tune on a lab's first 6 frames is otherwise over after 42 steps and leaves most of its budget unused.
     min_steps: int = 0
+    # Train exactly this many steps (0: off): epochs and min_steps are then ignored, the learning-rate schedule
+    # follows steps alone and max_minutes only caps the run, so the same data and seed give the same model on a
+    # busy machine as on an idle one (the correction-effort benchmark compares orders of frames this way).
+    max_steps: int = 0
     max_minutes: float | None = None   # stop early (and still write a bundle) after this much training
     batch_size: int = 2
     optimizer: str = "adamw"           # adamw | sgd
@@ -35,6 +39,11 @@ class OptimConfig:
     checkpoint_every: int = 100        # steps; also at an epoch end this many steps after the last (0: every epoch)
     num_workers: int = 1
     threads: int = 0                   # torch intra-op threads; 0 = all cores
+    # After the last step, BatchNorm statistics are recomputed as the plain mean over this many training images,
+    # augmented and batched as in training ("precise BN"; 0: keep the moving averages). With batches of 2 and
+    # colour augmentation, the moving averages are mostly those of the last ~10 batches: a fine-tune on a lab's
+    # first frames would end on statistics that change with every run.
+    precise_bn_frames: int = 64
     device: str = "auto"               # auto (cuda if available) | cpu | cuda | cuda:N
     # Cells with these CVAT sources train finding cells but not outlines (no mask loss). The retrain sets
     # ["auto"]: a cell the expert left as the function drew it carries the serving model's outline, not theirs.
@@ -45,8 +54,10 @@ class OptimConfig:
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {self.optimizer!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1")
-        if self.min_steps < 0:
-            raise ValueError(f"min_steps must be >= 0, not {self.min_steps}")
+        for name in ("min_steps", "max_steps", "precise_bn_frames"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
         if not (isinstance(self.mask_skip_sources, list | tuple)
                 and all(isinstance(x, str) and x for x in self.mask_skip_sources)):
             raise ValueError(f"mask_skip_sources must be a list of CVAT sources (e.g. [auto]), not "

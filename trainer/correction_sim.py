@@ -48,6 +48,7 @@ from trainer.correction_effort import (
 )
 from wbc_core.data.masks import cvat_mask_points
 from wbc_core.data.types import AnnotatedDataset, ImageRecord
+from wbc_core.split import VAL_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class SimulationConfig:
     cycles: int = 3                         # retrain cycles (frames corrected = batch x cycles)
     minutes: float = 3.0                    # fine-tuning budget of each retrain (segmenter.max_minutes)
     min_steps: int | None = None            # segmenter.min_steps of each retrain (None: the retrain default)
+    # segmenter.steps of each retrain: exactly this many (None: ``minutes`` decides). Each retrain trains with
+    # the run's seed, so a run repeats and the seeds of one order differ in training draws too
+    steps: int | None = None
     # segmenter.ignore_unedited_outlines of each retrain (None: the retrain default)
     ignore_unedited_outlines: bool | None = None
     start: str | None = None                # bundle served before the first correction (None: no model)
@@ -70,7 +74,7 @@ class SimulationConfig:
     weights: dict[str, float] | None = None  # ranking weights (None: wbc_core.uncertainty.DEFAULT_WEIGHTS)
     density_power: float | None = None      # ranking's typicality power (None: wbc_core.typicality.DENSITY_POWER)
     mirror: bool = True
-    val_fraction: float = 0.2
+    val_fraction: float = VAL_FRACTION
     retrain_timeout_s: float = 3600.0
     segmenter_config: str | None = None     # trainer config YAML for the retrain (default: the packaged CPU one)
     gate: dict[str, Any] | None = None      # the retrain's gate section (default: the retrain defaults)
@@ -81,6 +85,8 @@ class SimulationConfig:
             raise ValueError(f"order {self.order!r}: one of {', '.join(ORDERS)}")
         if self.batch < 1 or self.cycles < 0 or self.minutes <= 0:
             raise ValueError("batch >= 1, cycles >= 0 and minutes > 0 are needed")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (or None: minutes decides), not {self.steps}")
 
 
 def encode_request(path: Path) -> dict[str, Any]:
@@ -189,6 +195,7 @@ class Simulation:
         if self.cfg.order == "ranked" and self.handler is not None:
             options = RankOptions(out=out, create_task=k, mirror=self.cfg.mirror, progress=self.progress,
                                   task_name=f"batch {len(self.batch_tasks) + 1} (ranked)",
+                                  val_fraction=self.cfg.val_fraction,
                                   **({"weights": self.cfg.weights} if self.cfg.weights else {}),
                                   **({} if self.cfg.density_power is None else
                                      {"density_power": self.cfg.density_power}))
@@ -246,7 +253,8 @@ class Simulation:
             "cvat": {"tasks": list(self.batch_tasks), "out": "pulled", "jobs": "completed"},
             "labels": "labels.yaml", "registry": "registry", "work_dir": "cycles", "keep_last": 3,
             "split": {"val_fraction": self.cfg.val_fraction},
-            "segmenter": {"max_minutes": self.cfg.minutes, "first": "scratch",
+            "segmenter": {"max_minutes": self.cfg.minutes, "first": "scratch", "seed": self.cfg.seed,
+                          **({"steps": self.cfg.steps} if self.cfg.steps is not None else {}),
                           **({"min_steps": self.cfg.min_steps} if self.cfg.min_steps is not None else {}),
                           **({"ignore_unedited_outlines": self.cfg.ignore_unedited_outlines}
                              if self.cfg.ignore_unedited_outlines is not None else {}),

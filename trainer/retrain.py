@@ -37,6 +37,7 @@ from typing import Any
 
 from wbc_core.config_io import check_known, dataclass_from_dict, read_yaml_mapping
 from wbc_core.data.types import UNEDITED_SOURCE, AnnotatedDataset, DatasetError, ImageRecord
+from wbc_core.split import SALT, VAL_FRACTION, split_side
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ class CvatConfig:
 
 @dataclass
 class SplitConfig:
-    val_fraction: float = 0.2
-    salt: str = "wbc-split-1"               # changing it reshuffles every frame: do it never, or on purpose
+    val_fraction: float = VAL_FRACTION      # cvat_sync rank --val-fraction must match (wbc_core.split)
+    salt: str = SALT                        # changing it reshuffles every frame: do it never, or on purpose
     frozen_test: list[str] = field(default_factory=list)   # datasets only ever evaluated on
 
 
@@ -78,6 +79,10 @@ class SegmenterStep:
     # a lab's first cycles hold a handful of frames: the config's epochs would end a fine-tune on 6 frames after
     # 42 steps, leaving most of max_minutes unused; raise the epochs to run at least this many steps (0: off)
     min_steps: int = 400
+    # train exactly this many steps each cycle (None: max_minutes and min_steps decide). The same frames then give
+    # the same candidate whatever else the server is doing; max_minutes still caps the cycle
+    steps: int | None = None
+    seed: int | None = None                 # training seed (None: the trainer config's)
     # cells the expert left as the function drew them (CVAT source "auto") carry the serving model's outline:
     # they train finding cells but not the mask head (False: learn their outlines too)
     ignore_unedited_outlines: bool = True
@@ -90,6 +95,12 @@ class SegmenterStep:
     def __post_init__(self) -> None:
         if not (isinstance(self.min_steps, int) and self.min_steps >= 0):
             raise ValueError(f"segmenter.min_steps must be a whole number >= 0, not {self.min_steps!r}")
+        if self.steps is not None and not (isinstance(self.steps, int) and not isinstance(self.steps, bool)
+                                           and self.steps >= 1):
+            raise ValueError(f"segmenter.steps must be a whole number >= 1 (or null: the time budget decides), "
+                             f"not {self.steps!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+            raise ValueError(f"segmenter.seed must be a whole number (or null), not {self.seed!r}")
         if not isinstance(self.ignore_unedited_outlines, bool):
             raise ValueError(f"segmenter.ignore_unedited_outlines must be true or false, not "
                              f"{self.ignore_unedited_outlines!r}")
@@ -186,12 +197,6 @@ def frame_key(record: ImageRecord, known: dict[str, str] | None = None) -> str:
     from wbc_core.atomic import sha256_file
 
     return sha256_file(Path(record.path))
-
-
-def split_side(key: str, salt: str, val_fraction: float) -> str:
-    """``"val"`` or ``"train"``: a pure function of the frame's identity (stable across cycles)."""
-    u = int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
-    return "val" if u < val_fraction else "train"
 
 
 def _known_hashes(folder: Path) -> dict[str, str]:
@@ -326,6 +331,10 @@ class Cycle:
         if seg.epochs:
             tcfg.train.epochs = seg.epochs
         tcfg.train.min_steps = seg.min_steps
+        if seg.steps is not None:
+            tcfg.train.max_steps = seg.steps
+        if seg.seed is not None:
+            tcfg.train.seed = seg.seed
         if seg.ignore_unedited_outlines and UNEDITED_SOURCE not in tcfg.train.mask_skip_sources:
             tcfg.train.mask_skip_sources.append(UNEDITED_SOURCE)
         base = self.base_bundle(current)

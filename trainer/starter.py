@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leave-out", action="append", default=[], metavar="SET",
                    help="leave this set out (repeatable), e.g. for a leave-one-set-out benchmark")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (a bundle is written)")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="train exactly N optimiser steps (the learning-rate schedule spans them), so a rerun "
+                        "trains as much on a slow machine as on a fast one")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -95,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         cfg.train.train.epochs = args.epochs
     if args.max_minutes:
         cfg.train.train.max_minutes = args.max_minutes
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, not {args.max_steps}")
+        cfg.train.train.max_steps = args.max_steps
     if args.device:
         cfg.train.train.device = args.device
     sets = select_sets(cfg, ship=args.ship, leave_out=args.leave_out)
@@ -113,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                      "outlines" if s.masks else "boxes only", s.licence, s.ship)
         log.info("plan: scale %s, %d epochs, batch %d, %s", cfg.train.scale.to_dict(), cfg.train.train.epochs,
                  cfg.train.train.batch_size,
-                 f"limit {cfg.train.train.max_minutes} min" if cfg.train.train.max_minutes else "no time limit")
+                 f"exactly {cfg.train.train.max_steps} steps" if cfg.train.train.max_steps
+                 else f"limit {cfg.train.train.max_minutes} min" if cfg.train.train.max_minutes else "no time limit")
         real = [s for s in sets if s.kind != "synthetic"]
         if real:  # load and check the real sets (reads only; synthetic slides are not drawn)
             build_training_data(cfg, real, args.data_root, out)
@@ -136,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
                              "attribution": classifier.attribution})
         command = ("python -m trainer train-starter --data-root DATA --out OUT --ship --package "
                    f"{args.package}" + (f" --max-minutes {args.max_minutes:g}" if args.max_minutes else "")
+                   + (f" --max-steps {args.max_steps}" if args.max_steps else "")
                    + (f" --serve-rbc-px {args.serve_rbc_px:g}" if args.serve_rbc_px else "")
                    + (f" --serve-threshold {args.serve_threshold:g}" if args.serve_threshold else ""))
         package_bundle(bundle, args.package, half=True, max_mb=args.max_mb,

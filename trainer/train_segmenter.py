@@ -56,6 +56,7 @@ from wbc_core.model import WeightsError, build_model
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+PRECISE_BN_EPOCH = 1_000_003  # the augmentation draw of precise_batchnorm's images (no training run gets there)
 
 
 class EpochSampler(Sampler[int]):
@@ -274,10 +275,56 @@ def git_sha() -> str:
 
 
 def epochs_to_run(opt: OptimConfig, steps_per_epoch: int) -> int:
-    """``opt.epochs``, raised when that many epochs would run fewer than ``opt.min_steps`` steps."""
+    """``opt.epochs``, raised when that many epochs would run fewer than ``opt.min_steps`` steps; with
+    ``opt.max_steps``, just enough epochs for that many steps."""
+    if opt.max_steps > 0:
+        return math.ceil(opt.max_steps / max(1, steps_per_epoch))
     if opt.min_steps <= 0:
         return opt.epochs
     return max(opt.epochs, math.ceil(opt.min_steps / max(1, steps_per_epoch)))
+
+
+def steps_to_run(opt: OptimConfig, steps_per_epoch: int) -> int:
+    """The steps the learning-rate schedule spans: ``opt.max_steps``, else whole epochs."""
+    return opt.max_steps if opt.max_steps > 0 else steps_per_epoch * epochs_to_run(opt, steps_per_epoch)
+
+
+@torch.no_grad()
+def precise_batchnorm(model: torch.nn.Module, dataset: SegmentationDataset, frames: int, batch_size: int,
+                      device: torch.device, progress: bool = False) -> int:
+    """Recompute every BatchNorm layer's running mean and variance as the plain average over ``frames`` training
+    images, drawn as training draws them (augmented, in batches of ``batch_size``: the statistics the weights were
+    trained under) but with fresh draws of their own, instead of the moving average of the last few batches
+    ("precise BN", as detectron2's PreciseBN hook; Wu & Johnson 2021). Weights are untouched. Returns the images
+    used (0: no BatchNorm layer, or ``frames`` is 0).
+
+    Not over unaugmented frames: tried on the shipped starter, statistics of 16 plain BCCD frames at the served
+    scale raised its held-back edits from 0.21 to 0.31 of from-scratch."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    n = len(dataset.records)
+    if not norms or frames <= 0 or n == 0:
+        return 0
+    # a draw of its own (an epoch training never reaches), the same every time: a run repeats
+    order = np.random.default_rng(PRECISE_BN_EPOCH).permutation(max(frames, n))[:frames] % n
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch counts the same
+        m.train()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="precise BN", unit="batch", disable=not progress,
+                          leave=False):
+            images = [dataset[(PRECISE_BN_EPOCH, int(i))][0].to(device) for i in order[start:start + batch_size]]
+            batched = model.transform.batch_images([model.transform.normalize(im) for im in images],
+                                                   size_divisible=model.transform.size_divisible)
+            model.backbone(batched)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(order)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float, time_progress: float = 0.0) -> float:
@@ -382,7 +429,7 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
     steps_per_epoch = math.ceil(math.ceil(len(dataset) / ddp.world) / opt.batch_size)
     dataset.prepare_scale(progress=progress)
     epochs = epochs_to_run(opt, steps_per_epoch)
-    total_steps = steps_per_epoch * epochs
+    total_steps = steps_to_run(opt, steps_per_epoch)
 
     model = build_model(cfg.model, len(cfg.labels.classes)).to(device)
     jitter = sorted({int(round(cfg.model.min_size * s / 16) * 16) for s in opt.scale_jitter} - {cfg.model.min_size})
@@ -435,7 +482,10 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
     log.info("training %s on %d frames (%d cells, %d box-only frames), %d epochs x %d steps, batch %d, %s",
              cfg.model.backbone, len(dataset), n_cells, sum(dataset.box_only), epochs, steps_per_epoch,
              opt.batch_size, f"limit {opt.max_minutes} min" if opt.max_minutes else "no time limit")
-    if epochs > opt.epochs:
+    if opt.max_steps:
+        log.info("exactly %d steps (train.max_steps)%s", opt.max_steps,
+                 f"; the {opt.max_minutes} min limit only caps it" if opt.max_minutes else "")
+    elif epochs > opt.epochs:
         log.info("%d epochs instead of %d: at least %d steps (train.min_steps)", epochs, opt.epochs, opt.min_steps)
     bundle_dir = out_dir / "bundle"
     trim = _malloc_trimmer()
@@ -451,7 +501,7 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     epoch_end_saved = step
-    while epoch < epochs and not stop:
+    while epoch < epochs and not stop and not (opt.max_steps and step >= opt.max_steps):
         start_in_epoch = step - epoch * steps_per_epoch
         dataset.set_epoch(epoch)
         sampler.set_position(epoch, start_in_epoch * (1 if isinstance(sampler, SetBatchSampler) else opt.batch_size))
@@ -459,7 +509,9 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
         t_last = time.perf_counter()
         for images, targets in loader:
             for g in optimizer.param_groups:
-                time_progress = train_seconds / (opt.max_minutes * 60) if opt.max_minutes else 0.0
+                # a fixed step count keeps the schedule on steps: the clock must not change the model
+                time_progress = (train_seconds / (opt.max_minutes * 60) if opt.max_minutes and not opt.max_steps
+                                 else 0.0)
                 g["lr"] = opt.lr * lr_factor(step, total_steps, opt.warmup_steps, opt.min_lr_ratio, time_progress)
             if device.type != "cpu":
                 images = [im.to(device, non_blocking=True) for im in images]
@@ -500,8 +552,13 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
             trim()
             if opt.checkpoint_every and step % opt.checkpoint_every == 0:
                 save_checkpoint()
+            if opt.max_steps and step >= opt.max_steps:
+                stop = True
+                break
             if opt.max_minutes and _any_rank(train_seconds >= opt.max_minutes * 60, ddp):
-                log.info("time limit of %.1f min reached at step %d", opt.max_minutes, step)
+                (log.warning if opt.max_steps else log.info)(
+                    "time limit of %.1f min reached at step %d%s", opt.max_minutes, step,
+                    f" of the {opt.max_steps} asked for (train.max_steps)" if opt.max_steps else "")
                 stop = True
                 break
         if not stop:
@@ -519,8 +576,15 @@ def train_segmenter(cfg: TrainConfig, train_data: AnnotatedDataset, out_dir: Pat
         _barrier(ddp)
     bar.close()
     del loader  # its worker: not needed to write the bundle
-    model.eval()
     _sync_buffers(model, ddp)
+    if opt.precise_bn_frames:
+        t_bn = time.perf_counter()
+        used = precise_batchnorm(model, dataset, opt.precise_bn_frames, opt.batch_size, device, progress)
+        if used:
+            log.info("BatchNorm statistics recomputed over %d augmented training images in %.1f s "
+                     "(train.precise_bn_frames)",
+                     used, time.perf_counter() - t_bn)
+    model.eval()
     if ddp.main:
         _write(model, cfg, bundle_dir, train_data, step, epoch, train_seconds, world=ddp.world, cells=n_cells,
                extra=provenance)
