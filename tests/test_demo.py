@@ -4,12 +4,13 @@ is counted in steps, and an empty result is said plainly."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from trainer.__main__ import build_parser
-from trainer.demo import DEFAULT_STEPS, demo_config, run_demo
+from trainer.demo import DEFAULT_STEPS, WEAK_AP, demo_config, run_demo
 
 
 def test_budget_is_steps_rounded_up_to_whole_epochs_without_a_clock() -> None:
@@ -37,9 +38,9 @@ def test_demo_writes_everything_and_warns_when_training_was_too_short(tmp_path: 
     metrics = json.loads(Path(summary["metrics"]).read_text())
     assert metrics["images"] == 2 and metrics["gt_cells"] >= 2
     assert list(Path(summary["overlays"]).glob("overlay_*.png"))
-    assert summary["steps"] == 3 and summary["mask_ap_any_label"] == 0
-    assert "WARNING: the model found no cells on the held-out slides (mask AP 0.000): 3 training steps were " \
-           "too few. Raise --steps" in out
+    assert summary["steps"] == 3 and summary["mask_ap_any_label"] < WEAK_AP
+    assert re.search(r"WARNING: the model found (almost )?no cells on the held-out slides \(mask AP 0\.0\d\d\): "
+                     r"3 training steps were too few\. Raise --steps", out)
     cells = json.loads((tmp_path / "demo" / "new-slide_cells.json").read_text())
     assert len(cells) == summary["new_slide_cells"]
     if cells:  # the new slide is full size: its predictions are in 4032x3024 coordinates
