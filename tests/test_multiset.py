@@ -297,8 +297,9 @@ def test_starter_ship_keeps_shippable_sets_and_records_licences(mixed_root: Path
                  "defocus_p": 0.3, "pale_p": 0.3})))
     out = tmp_path / "run"
     code = starter_main(["--config", str(cfg_path), "--data-root", str(mixed_root), "--out", str(out), "--ship",
-                         "--no-progress"])
+                         "--max-steps", "3", "--no-progress"])
     assert code == 0
+    assert len((out / "losses.csv").read_text().splitlines()) == 1 + 3  # exactly --max-steps, whatever the epochs
     bundle = load_bundle(out / "bundle")
     prov = bundle.provenance
     assert [d["name"] for d in prov["datasets"]] == ["syn"]
@@ -314,6 +315,9 @@ def test_starter_ship_keeps_shippable_sets_and_records_licences(mixed_root: Path
                          "--no-progress"]) == 2
     assert starter_main(["--config", str(cfg_path), "--data-root", str(mixed_root), "--out", str(tmp_path / "o2"),
                          "--leave-out", "nope"]) == 2
+    assert starter_main(["--config", str(cfg_path), "--data-root", str(mixed_root), "--out", str(tmp_path / "o3"),
+                         "--max-steps", "0"]) == 2
+    assert not (tmp_path / "o3").exists()
 
 
 def test_starter_help_explains_it(capsys: pytest.CaptureFixture[str]) -> None:
@@ -321,7 +325,7 @@ def test_starter_help_explains_it(capsys: pytest.CaptureFixture[str]) -> None:
         starter_main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for word in ("--ship", "--leave-out", "--data-root", "--max-minutes", "masks", "licence", "bundle"):
+    for word in ("--ship", "--leave-out", "--data-root", "--max-minutes", "--max-steps", "masks", "licence", "bundle"):
         assert word in text
 
 
