@@ -181,6 +181,18 @@ def test_the_ranking_knows_each_frames_retrain_side_and_queues_one_of_the_valida
             RankOptions(out=tmp_path, val_fraction=1.0)
 
 
+def test_a_queue_without_any_validation_side_frame_is_said_so(tmp_path: Path, predictor: Predictor,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    with StandinCVAT() as cvat, _client(cvat) as client:
+        tid = _task(cvat)
+        # at a 1% validation share none of the five frames is on the validation side
+        record = rank_task(client, tid, predictor, RankOptions(out=tmp_path / "rank", create_task=2, progress=False,
+                                                               val_fraction=0.01))
+        assert {r["split"] for r in record["ranking"]} == {"train"}
+        assert record["created_task"]["validation_frames"] == 0 and len(record["created_task"]["frames"]) == 2
+        assert "trainer retrain will refuse to gate until a validation frame is corrected" in caplog.text
+
+
 def test_annotated_frames_reads_shapes_tags_and_tracks() -> None:
     annotations = {"shapes": [{"frame": 2}], "tags": [{"frame": 5}],
                    "tracks": [{"shapes": [{"frame": 7, "outside": False}, {"frame": 9, "outside": True}]}]}
