@@ -103,3 +103,29 @@ def test_the_ranked_orders_density_power_is_part_of_the_settings() -> None:
     assert default["density_power"] == DENSITY_POWER
     only = correction_effort.run_settings(correction_effort.parser().parse_args(["--density-power", "0"]), 5, 5)
     assert only["density_power"] == 0 and only != default
+
+
+def test_the_saving_says_when_a_total_is_only_a_floor() -> None:
+    def run(order: str, seed: int, ratios: list[float], edits: list[int]) -> dict:
+        curve = [{"corrected": 10 * (i + 1), "edits_per_frame": r, "ratio_to_scratch": r, "accepted_per_frame": 0.0}
+                 for i, r in enumerate(ratios)]
+        return {"order": order, "seed": seed, "result": {"curve": curve, "batch_edits": edits,
+                                                         "config": {"batch": 10},
+                                                         "cycles": [{"cycle_seconds": 1.0}] * len(ratios)}}
+
+    ranked = [run("ranked", s, [0.3, 0.2, 0.2], [5, 4, 4]) for s in range(3)]
+    random_short = [run("random", s, [0.4, 0.3, 0.3], [5, 5, 5]) for s in range(3)]
+    result = correction_effort.aggregate(ranked + random_short, ["ranked", "random"], 1.0)
+    met = correction_effort.judge(result)
+    assert result["total_edits"]["ranked"]["mean"] == 9 and result["total_edits"]["random"]["mean"] == 15
+    assert met["ranked_saving"] == pytest.approx(0.4) and met["ranked_saving_met"]
+    assert met["ranked_saving_is"].startswith("a lower bound: random did not reach 25% in 3 seed(s)")
+
+    random_reaching = [run("random", s, [0.4, 0.3, 0.2], [5, 5, 5]) for s in range(3)]
+    met = correction_effort.judge(correction_effort.aggregate(ranked + random_reaching, ["ranked", "random"], 1.0))
+    assert met["ranked_saving_is"].startswith("exact")
+
+    ranked_short = [*ranked[:2], run("ranked", 2, [0.3, 0.3, 0.3], [5, 4, 4])]
+    met = correction_effort.judge(correction_effort.aggregate(ranked_short + random_reaching, ["ranked", "random"],
+                                                              1.0))
+    assert met["ranked_saving_is"].startswith("an upper bound: ranked did not reach 25% in 1 seed(s)")
