@@ -129,3 +129,6 @@ def test_the_saving_says_when_a_total_is_only_a_floor() -> None:
     met = correction_effort.judge(correction_effort.aggregate(ranked_short + random_reaching, ["ranked", "random"],
                                                               1.0))
     assert met["ranked_saving_is"].startswith("an upper bound: ranked did not reach 25% in 1 seed(s)")
+
+    met = correction_effort.judge(correction_effort.aggregate(ranked_short + random_short, ["ranked", "random"], 1.0))
+    assert met["ranked_saving_is"].startswith("no bound: ranked did not reach 25% in 1 seed(s) and random in 3")
