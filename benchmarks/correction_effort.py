@@ -24,10 +24,11 @@ machine (``--minutes`` then only caps a cycle); without it each fine-tune stops 
 gave 0.29 and 0.36 of from-scratch in two runs.
 
 ``runs/loso-bccd/served`` is the leave-BCCD-out starter (Bio-Net boxes and synthetic outlines, never a BCCD frame),
-served as the shipped starter is (72 px red cells, threshold 0.9); 700 steps, 23 to 60 minutes on 2 cores:
+trained and served as the shipped starter is (1524 steps, the shipped starter's count; 72 px red cells,
+threshold 0.9); about 50 minutes on 2 cores:
 
     python -m trainer train-starter --data-root ../shared/data --out runs/loso-bccd --leave-out bccd \\
-        --max-steps 700 --no-classifier
+        --max-steps 1524 --no-classifier
     python -m trainer package-bundle runs/loso-bccd/bundle runs/loso-bccd/served --rbc-px 72 --threshold 0.9
 
 Writes ``correction_effort.json`` (keys ``sets``, ``batch``, ``seeds``, ``curves``, ``scratch_edits_per_frame``,
